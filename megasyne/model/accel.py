@@ -1,0 +1,53 @@
+"""Which accelerated path this machine gets, decided once by what imports cleanly.
+
+- Transformer-Engine layer spec: CUDA present and ``import transformer_engine`` succeeds.
+- Otherwise Megatron-Core's local spec with our RMSNorm: Triton kernels on CUDA
+  (RMSNorm and vocab-parallel cross-entropy, unless MEGASYNE_KERNELS=0), torch on CPU.
+- apex is never required: gradient-accumulation fusion needs it (or TE) and stays off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_engine_available() -> bool:
+    # On CPU, `import transformer_engine` raises (no cudnn) and would break megatron's
+    # own import: never even try without CUDA.
+    if not torch.cuda.is_available() or os.environ.get("MEGASYNE_DISABLE_TE") == "1":
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def apex_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import amp_C  # noqa: F401  (NVIDIA apex's CUDA extension, not PyPI's `apex`)
+    except Exception:
+        return False
+    return True
+
+
+def triton_kernels_default() -> bool:
+    """Our Triton kernels are on by default on CUDA; MEGASYNE_KERNELS=0 turns them off."""
+    return torch.cuda.is_available() and os.environ.get("MEGASYNE_KERNELS", "1") != "0"
+
+
+def describe() -> str:
+    if transformer_engine_available():
+        return "transformer-engine layer spec (CUDA)"
+    if triton_kernels_default():
+        return "megatron-core local spec + megasyne Triton RMSNorm/cross-entropy (CUDA)"
+    if torch.cuda.is_available():
+        return "megatron-core local spec + torch ops (CUDA, kernels off)"
+    return "megatron-core local spec + torch ops (CPU, gloo)"

@@ -1,0 +1,163 @@
+"""Build Megatron-Core GPTModel chunks for a Llama config on the current rank.
+
+The model itself holds no parallel code: the parallel degrees come from a
+``ParallelDims`` and are only copied into Megatron's ``TransformerConfig`` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megasyne.model import accel
+from megasyne.model.config import LlamaConfig
+from megasyne.model.norm import RMSNorm
+from megasyne.parallel.dims import ParallelDims
+
+
+@dataclass(kw_only=True, frozen=True)
+class ModelRuntime:
+    """How to run the model on this machine (not part of the architecture)."""
+
+    dtype: torch.dtype = torch.float32
+    """Parameter / compute dtype: torch.float32 or torch.bfloat16 (fp32 master weights live in the optimizer)."""
+    triton_kernels: bool | None = None
+    """Our Triton RMSNorm + cross-entropy; None = on with CUDA (MEGASYNE_KERNELS=0 turns off)."""
+    recompute: str | None = None
+    """Activation recomputation: None, "selective" (attention core) or "full" (whole layers)."""
+    use_te: bool | None = None
+    """Transformer-Engine layer spec; None = when CUDA is present and TE imports cleanly."""
+    init_weights: bool = True
+    """Random-initialise weights (False when they will be loaded, or to build on the meta device)."""
+
+    def __post_init__(self):
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"runtime.dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        if self.recompute not in (None, "selective", "full"):
+            raise ValueError(f"runtime.recompute must be None, 'selective' or 'full', got {self.recompute!r}")
+        if self.use_te and not accel.transformer_engine_available():
+            raise ValueError("runtime.use_te=True but transformer_engine does not import cleanly here")
+
+    @property
+    def kernels_on(self) -> bool:
+        return accel.triton_kernels_default() if self.triton_kernels is None else self.triton_kernels
+
+    @property
+    def te_on(self) -> bool:
+        return accel.transformer_engine_available() if self.use_te is None else self.use_te
+
+
+def transformer_config(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRuntime = ModelRuntime()):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dims.validate_for_model(num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+                            num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size)
+    cuda = torch.cuda.is_available()
+    recompute = {}
+    if runtime.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    elif runtime.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=1)
+    return TransformerConfig(
+        # architecture
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,          # SwiGLU: linear_fc1 = [gate; up]
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        attention_softmax_in_fp32=True,
+        # parallelism (copied from the validated layout)
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=dims.vp_size,
+        context_parallel_size=dims.cp,
+        sequence_parallel=dims.sequence_parallel,
+        pipeline_dtype=runtime.dtype,
+        # Interleaved PP2: a rank sends to and receives from the same peer in both directions
+        # in one step; batched isend/irecv then pairs messages by order per peer and mixes
+        # activations with gradients (seen on gloo: loss off by 1e-2). The unbatched path
+        # uses a separate communicator per direction when the pipeline group has 2 ranks.
+        batch_p2p_comm=dims.vp_size is None,
+        # precision
+        params_dtype=runtime.dtype,
+        bf16=runtime.dtype == torch.bfloat16,
+        fp16=runtime.dtype == torch.float16,
+        # fusions: only what this machine can run (apex/TE are optional)
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=runtime.te_on,
+        gradient_accumulation_fusion=cuda and (accel.apex_available() or runtime.te_on),
+        use_cpu_initialization=not cuda,
+        perform_initialization=runtime.init_weights,
+        **recompute,
+    )
+
+
+def layer_spec(cfg: LlamaConfig, config, runtime: ModelRuntime, vp_stage: int | None = None):
+    """Transformer-Engine spec when available, else the local spec with our RMSNorm."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if runtime.te_on:
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    norm = ModuleSpec(module=RMSNorm, params={"use_kernel": runtime.kernels_on})
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=norm,
+    )
+
+
+def build_model(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRuntime = ModelRuntime()):
+    """This rank's model chunks (one per virtual pipeline stage), after ``init_parallel``."""
+    from megatron.core import parallel_state
+
+    from megasyne.model.llama import LlamaGPTModel
+
+    config = transformer_config(cfg, dims, runtime)
+    chunks = []
+    for vp_stage in range(dims.model_chunks):
+        stage = vp_stage if dims.vp_size else None
+        model = LlamaGPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(cfg, config, runtime, stage),
+            vocab_size=cfg.padded_vocab_size(dims.tp),
+            max_sequence_length=cfg.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
+            rope_scaling=cfg.rope_scaling is not None,
+            rope_scaling_factor=cfg.rope_scaling.factor if cfg.rope_scaling else 8.0,
+            vp_stage=stage,
+            use_triton_cross_entropy=runtime.kernels_on,
+        )
+        model.llama_config = cfg
+        chunks.append(model)
+    return chunks

@@ -1,0 +1,65 @@
+"""Process groups for a run: the one place where parallelism is set up.
+
+``init_parallel(dims)`` validates the layout against the launcher's world size,
+creates the default process group (NCCL on GPUs, gloo on CPU), the Megatron-Core
+model-parallel groups, and the RNG tracker. It installs the CPU shims first when
+there is no CUDA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+from megasyne.parallel import cpu_shims
+from megasyne.parallel.dims import ParallelConfigError, ParallelDims
+
+
+def launcher_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment (single process: 0, 0, 1)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def init_parallel(dims: ParallelDims, *, seed: int = 1234, timeout_s: float = 600) -> None:
+    """Create process groups for ``dims``; every rank must call it with the same dims."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    rank, local_rank, world_size = launcher_world()
+    if dims.world_size != world_size:
+        # Fails on every rank identically and before any collective: nobody hangs.
+        raise ParallelConfigError(
+            f"the parallel layout was made for world size {dims.world_size} but torchrun "
+            f"started {world_size} ranks: set --nproc_per_node (x nnodes) to {dims.world_size} "
+            f"or change tp/pp/dp"
+        )
+    cpu_shims.install()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=dims.vp_size,
+        context_parallel_size=dims.cp,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
