@@ -159,5 +159,27 @@ def build_model(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRuntime = Mo
             use_triton_cross_entropy=runtime.kernels_on,
         )
         model.llama_config = cfg
+        if not runtime.init_weights:
+            _mark_tensor_parallel_params(model)
         chunks.append(model)
     return chunks
+
+
+def _mark_tensor_parallel_params(model) -> None:
+    """Set Megatron's TP attributes that only its weight *initialisation* sets.
+
+    With ``perform_initialization=False`` (weights to be loaded) megatron-core 0.16.1
+    leaves ``tensor_model_parallel``/``partition_dim`` unset on Column/RowParallelLinear
+    and VocabParallelEmbedding weights; the optimizer's grad-norm would then count every
+    TP shard as a duplicate and our TP slicing would not know how to cut them.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None:
+            continue
+        if isinstance(module, (layers.ColumnParallelLinear, layers.VocabParallelEmbedding)):
+            layers.set_tensor_model_parallel_attributes(weight, True, 0, 1)
+        elif isinstance(module, layers.RowParallelLinear):
+            layers.set_tensor_model_parallel_attributes(weight, True, 1, 1)

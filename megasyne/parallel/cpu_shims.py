@@ -108,6 +108,10 @@ class _TorchOnCpu(types.ModuleType):
 #   torch.cuda.current_device().
 # - transformer.utils: `get_default_causal_mask` builds the causal mask with
 #   torch.ones(sq, sq, device="cuda") whenever no explicit attention mask is passed.
+# - dist_checkpointing.strategies.filesystem_async: `preload_tensors` calls
+#   torch.cuda.synchronize() before every checkpoint write; state_dict_saver's
+#   `save_state_dict_async_finalize` all-reduces a failure flag on
+#   torch.cuda.current_device(); exchange_utils exchanges shard metadata on CUDA tensors.
 # - tensor_parallel.layers / mappings / data / utils, transformer.module, utils:
 #   buffers and broadcasts placed on torch.cuda.current_device().
 _MODULES_WITH_CUDA_DEVICES = (
@@ -131,6 +135,9 @@ _MODULES_WITH_CUDA_DEVICES = (
     "megatron.core.transformer.transformer_layer",
     "megatron.core.transformer.utils",
     "megatron.core.utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.exchange_utils",
 )
 
 

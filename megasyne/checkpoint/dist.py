@@ -1,0 +1,177 @@
+"""megasyne checkpoints: Megatron-Core distributed (sharded) checkpoints + a JSON manifest.
+
+Layout of a checkpoint root (a run's ``checkpoints/`` or a converted model)::
+
+    <root>/iter_0000100/          one complete checkpoint
+        dist/                     megatron.core.dist_checkpointing (torch_dist) files:
+                                  model weights as global tensors, optimizer state if saved
+        megasyne.json             manifest: format, iteration, model config, the layout it
+                                  was saved from, whether optimizer state is inside, extras
+                                  (schedule, data cursor, RNG, metrics)
+    <root>/latest                 text: the name of the newest complete checkpoint
+
+Atomic: every rank writes into ``iter_XXXXXXX.tmp/``; after a barrier rank 0 renames it to
+``iter_XXXXXXX`` and only then rewrites ``latest`` (temp file + rename). A crash mid-save
+leaves only a ``.tmp`` directory, which loaders never look at and the next save removes.
+Because the weights are stored as global tensors with their sharding metadata, a
+checkpoint saved at one TP/PP/DP layout loads at any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megasyne.checkpoint.sharding import unwrap
+
+FORMAT = "megasyne-checkpoint/1"
+MANIFEST = "megasyne.json"
+# Only this optimizer sharding survives a TP/PP change, and megatron-core 0.16.1's default
+# ("fully_sharded_model_space") fails with "ShardedTensor.flattened_range is not supported".
+DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the run; names the path."""
+
+
+def iter_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def model_sharded_state_dict(chunks: list) -> dict:
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list, *,
+                    model_config: dict, layout: dict, optimizer=None,
+                    extra: dict | None = None, keep_last: int | None = None) -> Path:
+    """Save model (and optimizer) state of every rank; returns the final directory."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / iter_name(iteration)
+    tmp = root / (iter_name(iteration) + ".tmp")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "dist").mkdir(parents=True)
+    _barrier()
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=DIST_OPT_METADATA)
+    dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=DIST_OPT_METADATA)
+    _barrier()
+    if _rank() == 0:
+        manifest = dict(format=FORMAT, iteration=iteration, model=model_config, layout=layout,
+                        has_optimizer=optimizer is not None, extra=extra or {})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        if final.exists():  # re-saving the same iteration replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(root / "latest", final.name + "\n")
+        if keep_last:
+            _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory from a root (via ``latest``) or an ``iter_*`` directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if not (target / MANIFEST).is_file():
+            raise CheckpointError(f"{latest} points at {target}, which is not a complete checkpoint")
+        return target
+    if path.name.endswith(".tmp"):
+        raise CheckpointError(f"{path} is an incomplete checkpoint (a save was interrupted)")
+    raise CheckpointError(f"no megasyne checkpoint at {path}: expected {MANIFEST} or a 'latest' file")
+
+
+def find_latest(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None (for auto-resume)."""
+    try:
+        return resolve(root)
+    except CheckpointError:
+        return None
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    ckpt = resolve(path)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / MANIFEST}: unknown format {manifest.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    return manifest
+
+
+def check_model_compatible(manifest: dict, model_config: dict, path) -> None:
+    """Fail before training when the checkpoint's architecture differs from the run's."""
+    saved = manifest["model"]
+    fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "ffn_hidden_size", "vocab_size", "tie_word_embeddings")
+    diffs = [f"{f}: checkpoint {saved.get(f)} vs run {model_config.get(f)}"
+             for f in fields if saved.get(f) != model_config.get(f)]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} does not match the model of this run: "
+                              + "; ".join(diffs))
+
+
+def load_checkpoint(path: str | os.PathLike, chunks: list, *, optimizer=None,
+                    model_config: dict | None = None) -> dict:
+    """Load weights (and optimizer state if given) into this rank's chunks; returns the manifest."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = resolve(path)
+    manifest = read_manifest(ckpt)
+    if model_config is not None:
+        check_model_compatible(manifest, model_config, ckpt)
+    if optimizer is not None and not manifest["has_optimizer"]:
+        raise CheckpointError(f"{ckpt} holds no optimizer state (a converted or weights-only "
+                              f"checkpoint): load it as initial weights, not as a resume point")
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=DIST_OPT_METADATA)
+    loaded = dist_checkpointing.load(state, str(ckpt / "dist"))
+    if len(chunks) == 1:
+        unwrap(chunks[0]).load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, c in enumerate(chunks):
+            unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    return manifest
