@@ -67,8 +67,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list, *,
                     model_config: dict, layout: dict, optimizer=None,
-                    extra: dict | None = None, keep_last: int | None = None) -> Path:
-    """Save model (and optimizer) state of every rank; returns the final directory."""
+                    extra: dict | None = None, keep_last: int | None = None,
+                    before_publish=None) -> Path:
+    """Save model (and optimizer) state of every rank; returns the final directory.
+
+    ``before_publish(tmp_dir)`` runs on every rank after the sharded write and before the
+    rename, for per-rank files (e.g. RNG states) that must be part of the checkpoint.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -84,6 +89,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list, *,
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=DIST_OPT_METADATA)
     dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=DIST_OPT_METADATA)
+    if before_publish is not None:
+        before_publish(tmp)
     _barrier()
     if _rank() == 0:
         manifest = dict(format=FORMAT, iteration=iteration, model=model_config, layout=layout,

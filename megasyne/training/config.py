@@ -1,0 +1,217 @@
+"""Run configuration: a named preset or YAML file plus a few ``key=value`` overrides.
+
+Every value is validated here, on every rank, before any process group starts. The
+resolved configuration is written to ``<run_dir>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megasyne.model.config import LlamaConfig
+from megasyne.model.presets import get_preset
+from megasyne.training.optim import OptimConfig
+from megasyne.training.schedule import ScheduleConfig
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot work; names the key."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel degree."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    virtual_pp: int | None = None
+    """Interleaved pipeline chunks per rank."""
+    sequence_parallel: bool = False
+    """Sequence parallelism over the TP group."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    run_dir: str
+    """Where config.yaml, metrics.jsonl, checkpoints/ and the mixture index go."""
+    recipe: str
+    """Mixture/curriculum recipe YAML (megasyne.data.recipe); its seq_length is the run's."""
+    model: str = "tiny_debug"
+    """Model preset name (megasyne.model.presets)."""
+    model_overrides: dict = field(default_factory=dict)
+    """Fields of the preset to change (e.g. vocab_size to match the tokenizer)."""
+    init_checkpoint: str | None = None
+    """megasyne checkpoint to start from (e.g. converted from HF); None = random init."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    train_steps: int | None = None
+    """Optimizer steps; None = as many as the recipe's samples fill."""
+    dtype: str = "fp32"
+    """"fp32" or "bf16" (bf16 params/compute with fp32 master weights and grads)."""
+    recompute: str | None = None
+    """Activation recomputation: None, "selective" or "full"."""
+    triton_kernels: bool | None = None
+    """Our Triton kernels; None = on with CUDA."""
+    seed: int = 1234
+    """Model-init and dropout seed (data order is the recipe's seed)."""
+    log_interval: int = 1
+    """Console line every N steps (metrics.jsonl gets every step)."""
+    exit_at_step: int | None = None
+    """Checkpoint and stop after this step (like Megatron's --exit-interval); rerun to resume."""
+    save_interval: int | None = None
+    """Checkpoint every N steps (and at the end, and on SIGTERM)."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted after a successful save)."""
+    eval_interval: int | None = None
+    """Validation every N steps on eval_recipe (per-source loss and perplexity)."""
+    eval_recipe: str | None = None
+    """Held-out data recipe for validation."""
+    eval_samples: int = 16
+    """Validation sequences per evaluation (over all DP ranks)."""
+    max_nonfinite_in_a_row: int = 3
+    """Abort after this many consecutive steps with a NaN/inf loss (each is skipped)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to run_dir/tensorboard when the package is installed."""
+    fault_nan_steps: tuple = ()
+    """Testing hook: steps whose loss is replaced by NaN (to exercise the skip path)."""
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("micro_batch_size and global_batch_size must be >= 1")
+        if self.dtype not in ("fp32", "bf16"):
+            raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ConfigError("save_interval must be >= 1")
+        if self.eval_interval is not None and not self.eval_recipe:
+            raise ConfigError("eval_interval is set but eval_recipe is not")
+        if not Path(self.recipe).is_file():
+            raise ConfigError(f"recipe: file not found: {self.recipe}")
+        if self.eval_recipe and not Path(self.eval_recipe).is_file():
+            raise ConfigError(f"eval_recipe: file not found: {self.eval_recipe}")
+        if self.init_checkpoint and not Path(self.init_checkpoint).exists():
+            raise ConfigError(f"init_checkpoint: not found: {self.init_checkpoint}")
+        self.model_config()  # validates the preset and overrides
+
+    def model_config(self) -> LlamaConfig:
+        try:
+            return get_preset(self.model, **self.model_overrides)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"model {self.model!r} with overrides {self.model_overrides}: {exc}") from None
+
+    def num_microbatches(self, dp: int) -> int:
+        per_rank = self.global_batch_size // dp
+        if self.global_batch_size % dp or per_rank % self.micro_batch_size:
+            raise ConfigError(
+                f"global_batch_size {self.global_batch_size} must be a multiple of "
+                f"micro_batch_size {self.micro_batch_size} x data-parallel size {dp}"
+            )
+        return per_rank // self.micro_batch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _NumberAwareLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-5 / 3E4 as floats (YAML 1.2 behaviour)."""
+
+
+_NumberAwareLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+_SECTIONS = {"parallel": ParallelConfig, "optim": OptimConfig, "schedule": ScheduleConfig}
+
+
+def _parse_value(text: str):
+    # YAML 1.1 reads "1e-5" as a string (it wants "1.0e-5"): try numbers first.
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``a.b=value`` strings applied onto a nested dict (values parsed as YAML)."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def from_dict(raw: dict, *, base_dir: str | os.PathLike = ".") -> TrainConfig:
+    """Build and validate a TrainConfig; unknown keys are errors that name them."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown config keys: {unknown}; known: {sorted(known)}")
+    kwargs = dict(raw)
+    for name, cls in _SECTIONS.items():
+        section = kwargs.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{name} must be a mapping")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(section) - fields)
+        if bad:
+            raise ConfigError(f"unknown keys in {name}: {bad}; known: {sorted(fields)}")
+        try:
+            kwargs[name] = cls(**section)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name}: {exc}") from None
+    for key in ("recipe", "eval_recipe", "init_checkpoint", "run_dir"):
+        if kwargs.get(key):
+            kwargs[key] = str((Path(base_dir) / kwargs[key]).resolve()) \
+                if not os.path.isabs(kwargs[key]) else kwargs[key]
+    if "fault_nan_steps" in kwargs:
+        kwargs["fault_nan_steps"] = tuple(kwargs["fault_nan_steps"] or ())
+    try:
+        return TrainConfig(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.load(p.read_text(), Loader=_NumberAwareLoader) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    raw = apply_overrides(raw, list(overrides))
+    return from_dict(raw, base_dir=p.parent)
+
+
+def dump_config(cfg: TrainConfig, path: Path) -> None:
+    data = cfg.to_dict()
+    data["fault_nan_steps"] = list(data["fault_nan_steps"])
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, path)

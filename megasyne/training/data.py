@@ -1,0 +1,60 @@
+"""From the mixture index to micro-batches: global sample i is a pure function of i.
+
+Step s consumes global samples [s*G, (s+1)*G); data-parallel rank d takes the d-th
+contiguous slice of G/dp of them, in order, split into micro-batches. A resumed run
+starts at consumed_samples = s*G and reads exactly what the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def build_index_on_rank0(recipe_path: str, index_dir: Path):
+    """Rank 0 builds (or validates the cache of) the mixture index; the others wait.
+
+    The outcome is broadcast, so a failure on rank 0 becomes the same clear error on
+    every rank instead of the others hanging at a barrier.
+    """
+    from megasyne.data.mixture import build_or_load_index
+    from megasyne.data.recipe import load_recipe
+
+    status = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            build_or_load_index(load_recipe(recipe_path), index_dir)
+            status = ["ok"]
+        except Exception as exc:  # re-raised on every rank below
+            status = [f"{type(exc).__name__}: {exc}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(status, src=0)
+    if status[0] != "ok":
+        raise RuntimeError(f"building the mixture index for {recipe_path} failed: {status[0]}")
+    from megasyne.data.dataset import MixtureDataset
+
+    return MixtureDataset(index_dir)
+
+
+def micro_batches(dataset, *, first_sample: int, per_rank: int, dp_rank: int,
+                  micro_batch_size: int) -> list[dict]:
+    """This DP rank's micro-batches of one step, starting at global sample ``first_sample``."""
+    start = first_sample + dp_rank * per_rank
+    out = []
+    for k in range(0, per_rank, micro_batch_size):
+        items = [dataset[i] for i in range(start + k, start + k + micro_batch_size)]
+        tokens = torch.from_numpy(np.stack([it["tokens"] for it in items]).astype(np.int64))
+        b, s1 = tokens.shape
+        seq = s1 - 1
+        out.append(dict(
+            tokens=tokens[:, :-1].contiguous(),           # [b, s]
+            labels=tokens[:, 1:].contiguous(),            # [b, s]
+            loss_mask=torch.ones(b, seq),                 # [b, s]
+            position_ids=torch.arange(seq).unsqueeze(0).expand(b, -1),
+            source=torch.tensor([int(it["source"]) for it in items]),  # [b]
+            sample_ids=list(range(start + k, start + k + micro_batch_size)),
+        ))
+    return out

@@ -1,0 +1,86 @@
+"""Per-step metrics: console line, ``metrics.jsonl`` (one JSON object per step), TensorBoard.
+
+MFU = achieved model FLOP/s per GPU / peak bf16 dense FLOP/s of the card, with model
+FLOPs per token from ``LlamaConfig.flops_per_token`` (6N + 12*L*s*h, PaLM's convention;
+recomputation not counted). On CPU there is no meaningful peak: MFU is null.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak per card (vendor datasheets; SXM parts).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12}
+
+
+def peak_flops_per_device() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+class MetricsLog:
+    """Appends one JSON line per step; on resume, drops lines past the checkpoint step."""
+
+    def __init__(self, run_dir: Path, *, is_writer: bool, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.is_writer = is_writer
+        self.tb = None
+        if is_writer and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: jsonl + console only
+                self.tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Keep records of steps <= step (a killed run may have logged steps it never saved)."""
+        if not self.is_writer or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.is_writer:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(key, value, record["step"])
+            for name, value in (record.get("source_loss") or {}).items():
+                self.tb.add_scalar(f"source_loss/{name}", value, record["step"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def console_line(r: dict) -> str:
+    parts = [f"step {r['step']:>6}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.3e}"]
+    if r.get("grad_norm") is not None:
+        parts.append(f"gnorm {r['grad_norm']:.3f}")
+    parts.append(f"tok/s {r['tokens_per_s']:.0f}")
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if r.get("skipped_steps"):
+        parts.append(f"skipped {r['skipped_steps']}")
+    src = r.get("source_loss") or {}
+    if src:
+        parts.append(" ".join(f"{k}={v:.3f}" for k, v in src.items()))
+    return " | ".join(parts)

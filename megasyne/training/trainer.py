@@ -1,0 +1,241 @@
+"""The continual pre-training loop: mixture index -> micro-batches -> Megatron step -> logs/checkpoints.
+
+Resume restores model, optimizer, the step (hence the LR schedule) and the data cursor
+(consumed samples = step x global batch, because sample i is a pure function of i), plus
+each rank's RNG state when the layout is unchanged. SIGTERM (cluster preemption) makes
+the loop save at the end of the current step and exit 0.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megasyne.checkpoint import dist as ckpt
+from megasyne.model.builder import ModelRuntime, build_model
+from megasyne.parallel.dims import ParallelDims
+from megasyne.parallel.init import init_parallel, launcher_world
+from megasyne.training import metrics as M
+from megasyne.training.config import TrainConfig, dump_config
+from megasyne.training.data import build_index_on_rank0, micro_batches
+from megasyne.training.optim import build_optimizer, wrap_ddp
+from megasyne.training.schedule import lr_at
+from megasyne.training.step import gpt_forward_step, reduce_losses, run_microbatches, train_step
+
+
+class TrainingAborted(RuntimeError):
+    """Too many consecutive non-finite steps, or another unrecoverable condition."""
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can checkpoint before exiting."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """All ranks must stop at the same step: any rank's signal stops everyone."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _rng_path(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / "rng" / f"rank{rank:05d}.pt"
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training; returns a summary dict."""
+    rank, _, world = launcher_world()
+    p = cfg.parallel
+    dims = ParallelDims(tp=p.tp, pp=p.pp, virtual_pp=p.virtual_pp, world_size=world,
+                        sequence_parallel=p.sequence_parallel,
+                        distributed_optimizer=p.distributed_optimizer)
+    model_cfg = cfg.model_config()
+    dims.validate_for_model(num_layers=model_cfg.num_layers,
+                            num_attention_heads=model_cfg.num_attention_heads,
+                            num_query_groups=model_cfg.num_query_groups,
+                            ffn_hidden_size=model_cfg.ffn_hidden_size,
+                            micro_batches=cfg.num_microbatches(dims.dp))
+    num_mb = cfg.num_microbatches(dims.dp)
+    run_dir = Path(cfg.run_dir)
+    init_parallel(dims, seed=cfg.seed)
+    from megatron.core import parallel_state as ps
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    dist.barrier()
+
+    dataset = build_index_on_rank0(cfg.recipe, run_dir / "index")
+    seq_length = dataset.seq_length
+    if seq_length > model_cfg.max_position_embeddings:
+        raise ValueError(f"recipe seq_length {seq_length} exceeds the model's "
+                         f"max_position_embeddings {model_cfg.max_position_embeddings}")
+    total_steps = cfg.train_steps or len(dataset) // cfg.global_batch_size
+    if total_steps * cfg.global_batch_size > len(dataset):
+        raise ValueError(f"train_steps {total_steps} x global_batch_size {cfg.global_batch_size} "
+                         f"needs {total_steps * cfg.global_batch_size} samples but the recipe "
+                         f"{cfg.recipe} provides {len(dataset)}")
+    sources = list(dataset.source_names)
+    eval_set = build_index_on_rank0(cfg.eval_recipe, run_dir / "eval_index") \
+        if cfg.eval_recipe else None
+
+    runtime = ModelRuntime(dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+                           triton_kernels=cfg.triton_kernels, recompute=cfg.recompute)
+    chunks = build_model(model_cfg, dims, runtime)
+    ddp = wrap_ddp(chunks, dims)
+    optimizer = build_optimizer(ddp, dims, cfg.optim)
+    log = M.MetricsLog(run_dir, is_writer=rank == 0, tensorboard=cfg.tensorboard)
+
+    step = 0
+    resume = ckpt.find_latest(run_dir / "checkpoints")
+    if resume is not None:
+        manifest = ckpt.load_checkpoint(resume, ddp, optimizer=optimizer,
+                                        model_config=model_cfg.to_dict())
+        step = manifest["iteration"]
+        extra = manifest["extra"]
+        if extra.get("global_batch_size") != cfg.global_batch_size:
+            raise ValueError(f"{resume}: saved with global_batch_size "
+                             f"{extra.get('global_batch_size')}, run uses {cfg.global_batch_size}")
+        rng_file = _rng_path(resume, rank)
+        if extra.get("layout") == _layout(dims) and rng_file.exists():
+            torch.set_rng_state(torch.load(rng_file))
+        log.truncate_after(step)
+        _print0(f"resumed from {resume} at step {step} "
+                f"(consumed samples {step * cfg.global_batch_size})")
+    elif cfg.init_checkpoint:
+        ckpt.load_checkpoint(cfg.init_checkpoint, ddp, model_config=model_cfg.to_dict())
+        _print0(f"initial weights from {cfg.init_checkpoint}")
+
+    preempt = _Preemption()
+    per_rank = cfg.global_batch_size // dims.dp
+    flops_per_token = model_cfg.flops_per_token(seq_length)
+    peak = M.peak_flops_per_device()
+    skipped_total, nonfinite_run = 0, 0
+    last_loss = float("nan")
+
+    def save(at_step: int):
+        extra = dict(consumed_samples=at_step * cfg.global_batch_size,
+                     global_batch_size=cfg.global_batch_size, layout=_layout(dims),
+                     skipped_steps=skipped_total, recipe=cfg.recipe)
+        path = ckpt.save_checkpoint(run_dir / "checkpoints", at_step, ddp,
+                                    model_config=model_cfg.to_dict(), layout=_layout(dims),
+                                    optimizer=optimizer, extra=extra, keep_last=cfg.keep_last,
+                                    before_publish=partial(_save_rng, rank=rank))
+        _print0(f"saved checkpoint {path}")
+
+    while step < total_steps:
+        lr = lr_at(step, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                   total_steps=total_steps, schedule=cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = micro_batches(dataset, first_sample=step * cfg.global_batch_size,
+                              per_rank=per_rank, dp_rank=ps.get_data_parallel_rank(),
+                              micro_batch_size=cfg.micro_batch_size)
+        iters = [iter(batch) for _ in ddp] if len(ddp) > 1 else iter(batch)
+        t0 = time.perf_counter()
+        result = train_step(ddp, optimizer, iters, num_microbatches=num_mb,
+                            micro_batch_size=cfg.micro_batch_size, seq_length=seq_length,
+                            num_sources=len(sources),
+                            forward_step_func=partial(gpt_forward_step, num_sources=len(sources),
+                                                      inject_nan=(step + 1) in cfg.fault_nan_steps))
+        elapsed = time.perf_counter() - t0
+        step += 1
+        if result.skipped:
+            skipped_total += 1
+            nonfinite_run += 1
+            if nonfinite_run >= cfg.max_nonfinite_in_a_row:
+                raise TrainingAborted(
+                    f"{nonfinite_run} consecutive steps with a non-finite loss (last at step "
+                    f"{step}); aborting. Lower the LR, check the data around sample "
+                    f"{(step - 1) * cfg.global_batch_size}, or resume from the last checkpoint")
+        else:
+            nonfinite_run = 0
+            last_loss = result.loss
+        tokens = cfg.global_batch_size * seq_length
+        tok_s = tokens / elapsed
+        tflops = flops_per_token * tok_s / world / 1e12
+        record = dict(
+            step=step, consumed_samples=step * cfg.global_batch_size,
+            consumed_tokens=step * tokens, loss=result.loss, lr=lr,
+            grad_norm=result.grad_norm, skipped=result.skipped, skipped_steps=skipped_total,
+            tokens_per_s=tok_s, tflops_per_device=tflops,
+            mfu=(tflops * 1e12 / peak) if peak else None, step_time_s=elapsed,
+            source_loss={s: result.source_loss_sum[i] / result.source_tokens[i]
+                         for i, s in enumerate(sources) if result.source_tokens[i] > 0},
+            source_tokens={s: int(result.source_tokens[i]) for i, s in enumerate(sources)},
+        )
+        if eval_set is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
+            record["eval"] = evaluate(ddp, eval_set, cfg, dims, seq_length)
+        log.write(record)
+        if step % cfg.log_interval == 0 or step == total_steps:
+            _print0(M.console_line(record))
+        stop = preempt.agreed() or step == cfg.exit_at_step
+        if (cfg.save_interval and step % cfg.save_interval == 0) or step == total_steps or stop:
+            save(step)
+        if stop:
+            why = "exit_at_step reached" if step == cfg.exit_at_step else "SIGTERM received"
+            _print0(f"{why}: checkpointed at step {step}, exiting")
+            break
+    log.close()
+    return dict(step=step, loss=last_loss, skipped_steps=skipped_total)
+
+
+def evaluate(ddp: list, dataset, cfg: TrainConfig, dims: ParallelDims, seq_length: int) -> dict:
+    """Forward-only loss and perplexity per source on the first eval_samples held-out samples."""
+    from megatron.core import parallel_state as ps
+
+    sources = list(dataset.source_names)
+    n = min(cfg.eval_samples, len(dataset)) // (dims.dp * cfg.micro_batch_size) \
+        * dims.dp * cfg.micro_batch_size
+    if n == 0:
+        return {}
+    per_rank = n // dims.dp
+    batch = micro_batches(dataset, first_sample=0, per_rank=per_rank,
+                          dp_rank=ps.get_data_parallel_rank(), micro_batch_size=cfg.micro_batch_size)
+    iters = [iter(batch) for _ in ddp] if len(ddp) > 1 else iter(batch)
+    for c in ddp:
+        c.eval()
+    with torch.no_grad():
+        parts = run_microbatches(ddp, iters, num_microbatches=len(batch),
+                                 micro_batch_size=cfg.micro_batch_size, seq_length=seq_length,
+                                 forward_only=True,
+                                 forward_step_func=partial(gpt_forward_step, num_sources=len(sources)))
+    for c in ddp:
+        c.train()
+    loss, sums, toks = reduce_losses(parts, len(sources))
+    out = {"loss": loss, "ppl": math.exp(min(loss, 50))}
+    for i, s in enumerate(sources):
+        if toks[i] > 0:
+            out[f"{s}/loss"] = sums[i] / toks[i]
+            out[f"{s}/ppl"] = math.exp(min(sums[i] / toks[i], 50))
+    return out
+
+
+def _save_rng(ckpt_tmp_dir: Path, *, rank: int) -> None:
+    path = _rng_path(ckpt_tmp_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.get_rng_state(), path)
+
+
+def _layout(dims: ParallelDims) -> dict:
+    return dict(tp=dims.tp, pp=dims.pp, dp=dims.dp, virtual_pp=dims.virtual_pp,
+                sequence_parallel=dims.sequence_parallel,
+                distributed_optimizer=dims.distributed_optimizer)
+
+
+def _print0(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)

@@ -1,0 +1,57 @@
+"""Run configuration: presets + overrides, validated with messages that name the key."""
+
+import pytest
+import yaml
+
+from megasyne.training.config import ConfigError, apply_overrides, dump_config, load_config
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("seq_length: 16\n")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(dict(
+        run_dir="run", recipe="recipe.yaml", model="tiny_debug",
+        parallel=dict(tp=2), optim=dict(lr=3e-4), global_batch_size=4,
+    )))
+    return path
+
+
+def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
+    cfg = load_config(str(config_file), ["optim.lr=1e-5", "parallel.pp=2", "train_steps=7",
+                                         "model_overrides.vocab_size=2048"])
+    assert cfg.optim.lr == 1e-5 and cfg.parallel.tp == 2 and cfg.parallel.pp == 2
+    assert cfg.train_steps == 7
+    assert cfg.model_config().vocab_size == 2048
+    assert cfg.run_dir == str(tmp_path / "run") and cfg.recipe == str(tmp_path / "recipe.yaml")
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(str(tmp_path / "resolved.yaml"))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lr=-1"], "optim.lr must be > 0"),
+    (["optim.betas=1"], "unknown keys in optim: \\['betas'\\]"),
+    (["learning_rate=1"], "unknown config keys: \\['learning_rate'\\]"),
+    (["model=llama5"], "unknown model preset 'llama5'"),
+    (["dtype=fp8"], "dtype must be fp32 or bf16"),
+    (["recipe=missing.yaml"], "recipe: file not found"),
+    (["schedule.kind=step"], "schedule.kind must be"),
+    (["eval_interval=5"], "eval_interval is set but eval_recipe is not"),
+    (["model_overrides.num_query_groups=3"], "not divisible by num_query_groups"),
+])
+def test_bad_values_fail_with_the_key(config_file, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(config_file), overrides)
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["optim.lr"])
+
+
+def test_microbatch_arithmetic(config_file):
+    cfg = load_config(str(config_file), ["global_batch_size=8", "micro_batch_size=2"])
+    assert cfg.num_microbatches(dp=2) == 2
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size 2 x data-parallel size 3"):
+        cfg.num_microbatches(dp=3)
