@@ -33,7 +33,11 @@ FORMAT = "megasyne-checkpoint/1"
 MANIFEST = "megasyne.json"
 # Only this optimizer sharding survives a TP/PP change, and megatron-core 0.16.1's default
 # ("fully_sharded_model_space") fails with "ShardedTensor.flattened_range is not supported".
-DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Without CUDA, the gather of distributed-optimizer state must take Megatron's gloo path
+# ("mem_efficient": gather to DP rank 0 over the gloo group); the default path calls
+# Tensor.cuda() on the send buffer.
+DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                     "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
 
 
 class CheckpointError(RuntimeError):
@@ -171,6 +175,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, *, optimizer=None,
                               f"checkpoint): load it as initial weights, not as a resume point")
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
+        _materialise_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=DIST_OPT_METADATA)
     loaded = dist_checkpointing.load(state, str(ckpt / "dist"))
@@ -180,5 +185,74 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, *, optimizer=None,
         for i, c in enumerate(chunks):
             unwrap(c).load_state_dict(loaded[f"model{i}"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
     return manifest
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    """optimizer.load_state_dict, with the torch-Adam fix-ups Megatron lacks without apex/TE.
+
+    With torch's Adam (no apex/TE), Megatron's DistributedOptimizer.load_state_dict copies
+    the per-parameter state it reads from the checkpoint into *every* key of the live
+    state, including ``step``, which the checkpoint's parameter state does not carry
+    (KeyError: 'step'). So the parameter state is loaded in a second call, with the
+    ``step`` entries set aside meanwhile.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    torch_adam = all(isinstance(o, (torch.optim.Adam, torch.optim.AdamW))
+                     for o in _torch_optimizers(optimizer))
+    if (len(inner) == 1 and isinstance(inner[0], DistributedOptimizer) and torch_adam
+            and isinstance(state, dict) and "param_state" in state):
+        state = dict(state)
+        param_state = state.pop("param_state")
+        sharding = state.pop("param_state_sharding_type")
+        if sharding != "fully_reshardable":
+            raise CheckpointError(f"unsupported distributed-optimizer sharding {sharding!r}")
+        inner[0].load_state_dict(state)  # param groups, step, scaler; no parameter state
+        torch_opt = inner[0].optimizer
+        steps = {p: st.pop("step") for p, st in torch_opt.state.items() if "step" in st}
+        inner[0].load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            torch_opt.state[p]["step"] = step
+    else:
+        optimizer.load_state_dict(state)
+    _unshare_step_tensors(optimizer)
+
+
+def _torch_optimizers(optimizer) -> list:
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [o.optimizer for o in inner if getattr(o, "optimizer", None) is not None]
+
+
+def _materialise_torch_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam (no apex/TE) a full state before loading into it.
+
+    Megatron's distributed optimizer reads the common ``step`` out of the existing state
+    while building the sharded state dict to load into (``assert len(steps) == 1``); a
+    freshly built torch optimizer has no state yet. Zero state with one ``step`` tensor per
+    parameter is what an Adam that has not stepped would hold; loading overwrites it.
+    """
+    for opt in _torch_optimizers(optimizer):
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if not opt.state[p]:
+                    opt.state[p] = {"step": torch.tensor(0.0),
+                                    "exp_avg": torch.zeros_like(p.data),
+                                    "exp_avg_sq": torch.zeros_like(p.data)}
+
+
+def _unshare_step_tensors(optimizer) -> None:
+    """After load, give every parameter its own ``step`` tensor.
+
+    The distributed optimizer's load_state_dict puts ONE step tensor into every parameter's
+    state; torch's Adam increments it in place once per parameter (step 3 -> 45), which
+    changes the bias correction and the losses (1e-3 drift measured).
+    """
+    for opt in _torch_optimizers(optimizer):
+        for state in opt.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
