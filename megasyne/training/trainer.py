@@ -102,6 +102,12 @@ def train(cfg: TrainConfig) -> dict:
     step = 0
     resume = ckpt.find_latest(run_dir / "checkpoints")
     if resume is not None:
+        saved_layout = ckpt.read_manifest(resume)["extra"].get("layout", {})
+        if saved_layout.get("distributed_optimizer", False) != dims.distributed_optimizer:
+            raise ValueError(
+                f"{resume} was saved with parallel.distributed_optimizer="
+                f"{saved_layout.get('distributed_optimizer')} and Megatron cannot load it into "
+                f"the other optimizer kind: resume with the same setting")
         manifest = ckpt.load_checkpoint(resume, ddp, optimizer=optimizer,
                                         model_config=model_cfg.to_dict())
         step = manifest["iteration"]
