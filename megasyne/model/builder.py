@@ -29,6 +29,9 @@ class ModelRuntime:
     """Activation recomputation: None, "selective" (attention core) or "full" (whole layers)."""
     use_te: bool | None = None
     """Transformer-Engine layer spec; None = when CUDA is present and TE imports cleanly."""
+    attention: str | None = None
+    """Core attention for the local spec: "sdpa" (torch flash/mem-efficient) or "megatron"
+    (DotProductAttention, materialises scores); None = sdpa on CUDA, megatron on CPU."""
     init_weights: bool = True
     """Random-initialise weights (False when they will be loaded, or to build on the meta device)."""
 
@@ -37,12 +40,18 @@ class ModelRuntime:
             raise ValueError(f"runtime.dtype must be float32, bfloat16 or float16, got {self.dtype}")
         if self.recompute not in (None, "selective", "full"):
             raise ValueError(f"runtime.recompute must be None, 'selective' or 'full', got {self.recompute!r}")
+        if self.attention not in (None, "sdpa", "megatron"):
+            raise ValueError(f"runtime.attention must be None, 'sdpa' or 'megatron', got {self.attention!r}")
         if self.use_te and not accel.transformer_engine_available():
             raise ValueError("runtime.use_te=True but transformer_engine does not import cleanly here")
 
     @property
     def kernels_on(self) -> bool:
         return accel.triton_kernels_default() if self.triton_kernels is None else self.triton_kernels
+
+    @property
+    def attention_backend(self) -> str:
+        return self.attention or ("sdpa" if torch.cuda.is_available() else "megatron")
 
     @property
     def te_on(self) -> bool:
@@ -126,6 +135,10 @@ def layer_spec(cfg: LlamaConfig, config, runtime: ModelRuntime, vp_stage: int | 
     norm = ModuleSpec(module=RMSNorm, params={"use_kernel": runtime.kernels_on})
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
+    if runtime.attention_backend == "sdpa":
+        from megasyne.model.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return TransformerBlockSubmodules(
         layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=norm,
