@@ -176,6 +176,32 @@ def _report_cuda_type_during(owner, attr):
     setattr(owner, attr, kind(wrapped) if kind else wrapped)
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    """While active, ``Tensor.cuda()`` returns the CPU tensor itself."""
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _wrap_in(owner, attr, context):
+    """Run ``owner.attr`` (a plain method) inside ``context()``; idempotent."""
+    fn = owner.__dict__[attr]
+    if getattr(fn, "_megasyne_shim", False):
+        return
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with context():
+            return fn(*args, **kwargs)
+
+    wrapped._megasyne_shim = True
+    setattr(owner, attr, wrapped)
+
+
 def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
@@ -231,6 +257,14 @@ def install() -> bool:
                              "_build_model_and_main_param_groups")
     # clip_grads binds the function by name in optimizer.py: rebind the patched one.
     optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+
+    # Shim 6. With tied embeddings at PP > 1, LanguageModule.setup_embeddings_and_output_layer
+    # copies the shared weight between first and last stage with `weight.data.cuda()`
+    # (language_module.py:244) -> "Torch not compiled with CUDA enabled" while building the
+    # model. Only during that method, Tensor.cuda() leaves CPU tensors where they are.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    _wrap_in(LanguageModule, "setup_embeddings_and_output_layer", _tensor_cuda_is_identity)
 
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropSpuriousRngWarning())
     _INSTALLED = True

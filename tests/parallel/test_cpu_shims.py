@@ -46,3 +46,15 @@ def test_rng_tracker_forks_the_cpu_generator():
     assert torch.equal(torch.get_rng_state(), before)  # the default stream is restored
     torch.manual_seed(1234)
     assert torch.equal(a, torch.rand(3))  # the forked stream is the seeded one
+
+
+def test_tensor_cuda_is_identity_only_inside_the_tied_embedding_setup():
+    cpu_shims.install()
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    t = torch.zeros(2)
+    with cpu_shims._tensor_cuda_is_identity():
+        assert t.cuda() is t
+    with pytest.raises((AssertionError, RuntimeError)):
+        t.cuda()
+    assert getattr(LanguageModule.setup_embeddings_and_output_layer, "_megasyne_shim", False)
