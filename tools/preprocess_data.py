@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Tokenise JSON-lines / Parquet corpora into Megatron ``.bin``/``.idx`` datasets.
+
+Megatron-LM's ``tools/preprocess_data.py`` flags, with streaming memory, atomic outputs, exact input
+order with any ``--workers``, bad-line reporting and a per-document metadata sidecar::
+
+    python tools/preprocess_data.py --input 'data/web/*.jsonl.zst' --json-keys text \\
+        --tokenizer-model llama3/tokenizer.json --append-eod --workers 8 \\
+        --output-prefix out/web --metadata-keys ppl,lang
+    # -> out/web_text_document.{bin,idx}, out/web_text_document.meta/{ppl,lang}.npy,
+    #    out/web_text_document.report.json
+
+See megasyne/data/preprocess.py for the pipeline and megasyne/data/metadata.py for the sidecar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megasyne.data.indexed_dataset import IndexedDatasetError  # noqa: E402
+from megasyne.data.metadata import MetadataError  # noqa: E402
+from megasyne.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess  # noqa: E402
+from megasyne.data.tokenizers import MEGATRON_TOKENIZER_TYPES, TokenizerError  # noqa: E402
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """Accept both Megatron's space-separated lists and comma-separated ones."""
+    return [v for item in values or [] for v in item.split(",") if v]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True,
+                   help="files, globs or directories: .jsonl/.json (plain, .gz, .zst, .bz2, .xz) "
+                        "or .parquet; processed in the given order (globs sorted)")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="text keys; one dataset <output-prefix>_<key>_document per key")
+    g.add_argument("--metadata-keys", nargs="*", default=[],
+                   help="numeric or string keys copied into <dataset>.meta/ (e.g. ppl,lang)")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip unparsable lines / missing keys (counted) instead of failing")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-model", required=True,
+                   help="tokenizer.json, SentencePiece .model or tiktoken ranks file (kind "
+                        "detected from content), or a directory holding one")
+    g.add_argument("--tokenizer-type", default=None,
+                   help=f"Megatron's name, validated against the file: "
+                        f"{', '.join(MEGATRON_TOKENIZER_TYPES)}")
+    g.add_argument("--append-eod", action="store_true", help="end each document with EOD")
+    g.add_argument("--prepend-bos", action="store_true", help="start each document with BOS")
+    g.add_argument("--split-sentences", action="store_true", help=argparse.SUPPRESS)
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True)
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument("--batch-size", type=int, default=256, help="records per worker task")
+    g.add_argument("--log-interval", type=int, default=10000,
+                   help="log progress every N documents (0: never)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    g.add_argument("--progress", action="store_true", help="tqdm bar even when not a terminal")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.split_sentences:
+        print("error: --split-sentences is not supported (one sequence per document)",
+              file=sys.stderr)
+        return 2
+    kind = None
+    if args.tokenizer_type is not None:
+        if args.tokenizer_type not in MEGATRON_TOKENIZER_TYPES:
+            print(f"error: --tokenizer-type {args.tokenizer_type} is not supported; use one of "
+                  f"{', '.join(MEGATRON_TOKENIZER_TYPES)} (or leave it out: the kind is detected "
+                  "from --tokenizer-model)", file=sys.stderr)
+            return 2
+        kind = MEGATRON_TOKENIZER_TYPES[args.tokenizer_type]
+    try:
+        cfg = PreprocessConfig(
+            inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer_model,
+            tokenizer_kind=kind, json_keys=_split(args.json_keys),
+            metadata_keys=_split(args.metadata_keys), append_eod=args.append_eod,
+            prepend_bos=args.prepend_bos, workers=args.workers,
+            skip_bad_lines=args.skip_bad_lines, log_interval=args.log_interval,
+            batch_size=args.batch_size,
+            progress=False if args.no_progress else (True if args.progress else None))
+        reports = run_preprocess(cfg)
+    except (PreprocessError, TokenizerError, MetadataError, IndexedDatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for key, r in reports.items():
+        print(json.dumps({k: r[k] for k in ("dataset", "docs", "tokens", "skipped", "empty",
+                                            "docs_per_s", "tokens_per_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
