@@ -24,8 +24,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+# Warnings that megatron-core / torch print on every rank of every run and that say nothing
+# actionable here: the fallback path is reported once by megasyne.model.accel.describe(),
+# and DCP's deprecations concern megatron-core's own checkpoint code.
+_QUIET = ("Transformer Engine and Apex are not installed", "Apex is not installed",
+          "full scope is deprecated", "Please use DTensor instead",
+          "`load_state_dict` is deprecated", "When using async grad allreduce")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import re
+    import warnings
+
+    for text in _QUIET:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(text)}")
     import megasyne  # noqa: F401  (sets TRITON_INTERPRET on CPU before megatron imports)
     from megasyne.training.config import ConfigError, load_config
 
@@ -35,18 +48,24 @@ def main(argv=None) -> int:
         print(f"pretrain_syne.py: config error: {exc}", file=sys.stderr)
         return 2
     from megasyne.parallel.dims import ParallelConfigError
-    from megasyne.training.trainer import train
+    from megasyne.training.trainer import TrainingAborted, train
 
     try:
         summary = train(cfg)
     except (ParallelConfigError, ConfigError) as exc:
         print(f"pretrain_syne.py: {exc}", file=sys.stderr)
         return 2
+    except TrainingAborted as exc:
+        print(f"pretrain_syne.py: training aborted: {exc}", file=sys.stderr)
+        return 3
     finally:
         from megasyne.parallel.init import destroy_parallel
 
         destroy_parallel()
-    print(f"done: {summary}")
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: {summary}")
     return 0
 
 

@@ -39,6 +39,24 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class StageSettings:
+    """Per-stage LR: inside the named recipe stage, the schedule restarts over that stage's
+    steps with this peak/min LR (e.g. SynE stage II re-warms and decays on its own)."""
+
+    lr: float
+    """Peak LR of the stage."""
+    min_lr: float = 0.0
+    """Floor of the stage's decay."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Shape of the stage's schedule, over the stage's own steps."""
+
+    def __post_init__(self):
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} "
+                             f"min_lr={self.min_lr}")
+
+
+@dataclass(kw_only=True, frozen=True)
 class TrainConfig:
     run_dir: str
     """Where config.yaml, metrics.jsonl, checkpoints/ and the mixture index go."""
@@ -87,6 +105,11 @@ class TrainConfig:
     """Write TensorBoard events to run_dir/tensorboard when the package is installed."""
     fault_nan_steps: tuple = ()
     """Testing hook: steps whose loss is replaced by NaN (to exercise the skip path)."""
+    stop_after_stage: str | None = None
+    """Checkpoint and stop when this recipe stage is done (e.g. run SynE stage I alone;
+    a later run with the same run_dir and no stop continues into the next stage)."""
+    stage_settings: dict = field(default_factory=dict)
+    """Recipe stage name -> StageSettings (its own LR and schedule inside that stage)."""
 
     def __post_init__(self):
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
@@ -103,6 +126,9 @@ class TrainConfig:
             raise ConfigError(f"recipe: file not found: {self.recipe}")
         if self.eval_recipe and not Path(self.eval_recipe).is_file():
             raise ConfigError(f"eval_recipe: file not found: {self.eval_recipe}")
+        for name, st in self.stage_settings.items():
+            if not isinstance(st, StageSettings):
+                raise ConfigError(f"stage_settings.{name} must be a StageSettings")
         if self.init_checkpoint and not Path(self.init_checkpoint).exists():
             raise ConfigError(f"init_checkpoint: not found: {self.init_checkpoint}")
         self.model_config()  # validates the preset and overrides
@@ -189,6 +215,22 @@ def from_dict(raw: dict, *, base_dir: str | os.PathLike = ".") -> TrainConfig:
         if kwargs.get(key):
             kwargs[key] = str((Path(base_dir) / kwargs[key]).resolve()) \
                 if not os.path.isabs(kwargs[key]) else kwargs[key]
+    stages = kwargs.get("stage_settings") or {}
+    if not isinstance(stages, dict):
+        raise ConfigError("stage_settings must map recipe stage names to {lr, min_lr, schedule}")
+    kwargs["stage_settings"] = {}
+    for name, st in stages.items():
+        st = dict(st or {})
+        bad = sorted(set(st) - {"lr", "min_lr", "schedule"})
+        if bad:
+            raise ConfigError(f"unknown keys in stage_settings.{name}: {bad}; "
+                              f"known: ['lr', 'min_lr', 'schedule']")
+        try:
+            if isinstance(st.get("schedule"), dict):
+                st["schedule"] = ScheduleConfig(**st["schedule"])
+            kwargs["stage_settings"][name] = StageSettings(**st)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"stage_settings.{name}: {exc}") from None
     if "fault_nan_steps" in kwargs:
         kwargs["fault_nan_steps"] = tuple(kwargs["fault_nan_steps"] or ())
     try:

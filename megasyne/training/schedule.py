@@ -58,3 +58,18 @@ def lr_at(step: int, *, peak_lr: float, min_lr: float, total_steps: int,
         return peak_lr
     progress = min((step - decay_start) / max(decay, 1), 1.0)
     return min_lr + (peak_lr - min_lr) * _decay_factor(progress, schedule.decay_shape)
+
+
+def stage_step_ranges(stage_boundaries, stage_names, global_batch_size: int,
+                      total_steps: int) -> dict[str, tuple[int, int]]:
+    """Recipe stage -> [first step, end step) of the optimizer steps it drives.
+
+    A step belongs to the stage of its first sample (global sample ``step * G``), so a stage
+    boundary that falls inside a global batch moves to the next step boundary.
+    """
+    out = {}
+    for k, name in enumerate(stage_names):
+        first = -(-int(stage_boundaries[k]) // global_batch_size)        # ceil
+        end = -(-int(stage_boundaries[k + 1]) // global_batch_size)
+        out[name] = (min(first, total_steps), min(end, total_steps))
+    return out

@@ -22,10 +22,10 @@ from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.parallel.dims import ParallelDims
 from megasyne.parallel.init import init_parallel, launcher_world
 from megasyne.training import metrics as M
-from megasyne.training.config import TrainConfig, dump_config
+from megasyne.training.config import ConfigError, TrainConfig, dump_config
 from megasyne.training.data import build_index_on_rank0, micro_batches
 from megasyne.training.optim import build_optimizer, wrap_ddp
-from megasyne.training.schedule import lr_at
+from megasyne.training.schedule import lr_at, stage_step_ranges
 from megasyne.training.step import gpt_forward_step, reduce_losses, run_microbatches, train_step
 
 
@@ -89,6 +89,11 @@ def train(cfg: TrainConfig) -> dict:
                          f"needs {total_steps * cfg.global_batch_size} samples but the recipe "
                          f"{cfg.recipe} provides {len(dataset)}")
     sources = list(dataset.source_names)
+    stage_ranges = stage_step_ranges(dataset.stage_boundaries, dataset.stage_names,
+                                     cfg.global_batch_size, total_steps)
+    _check_stage_names(cfg, stage_ranges)
+    if cfg.stop_after_stage:
+        total_steps = stage_ranges[cfg.stop_after_stage][1]
     eval_set = build_index_on_rank0(cfg.eval_recipe, run_dir / "eval_index") \
         if cfg.eval_recipe else None
 
@@ -142,15 +147,30 @@ def train(cfg: TrainConfig) -> dict:
                                     before_publish=partial(_save_rng, rank=rank))
         _print0(f"saved checkpoint {path}")
 
+    run_steps = cfg.train_steps or len(dataset) // cfg.global_batch_size  # the whole recipe
+
+    def lr_for(at: int) -> tuple[float, str]:
+        name = next(n for n, (a, b) in stage_ranges.items() if a <= at < b) \
+            if any(a <= at < b for a, b in stage_ranges.values()) else dataset.stage_names[-1]
+        st = cfg.stage_settings.get(name)
+        if st is not None:
+            a, b = stage_ranges[name]
+            return lr_at(at - a, peak_lr=st.lr, min_lr=st.min_lr, total_steps=b - a,
+                         schedule=st.schedule), name
+        # The global schedule spans the whole recipe, also when stop_after_stage ends this
+        # run early: a stage-I-only run follows the same curve as the full run would.
+        return lr_at(at, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                     total_steps=run_steps, schedule=cfg.schedule), name
+
     while step < total_steps:
-        lr = lr_at(step, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-                   total_steps=total_steps, schedule=cfg.schedule)
+        lr, stage = lr_for(step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = micro_batches(dataset, first_sample=step * cfg.global_batch_size,
                               per_rank=per_rank, dp_rank=ps.get_data_parallel_rank(),
                               micro_batch_size=cfg.micro_batch_size)
         iters = [iter(batch) for _ in ddp] if len(ddp) > 1 else iter(batch)
+        data_crc = _data_fingerprint(batch)
         t0 = time.perf_counter()
         result = train_step(ddp, optimizer, iters, num_microbatches=num_mb,
                             micro_batch_size=cfg.micro_batch_size, seq_length=seq_length,
@@ -174,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
         tok_s = tokens / elapsed
         tflops = flops_per_token * tok_s / world / 1e12
         record = dict(
-            step=step, consumed_samples=step * cfg.global_batch_size,
+            step=step, stage=stage, consumed_samples=step * cfg.global_batch_size,
             consumed_tokens=step * tokens, loss=result.loss, lr=lr,
             grad_norm=result.grad_norm, skipped=result.skipped, skipped_steps=skipped_total,
             tokens_per_s=tok_s, tflops_per_device=tflops,
@@ -182,6 +202,7 @@ def train(cfg: TrainConfig) -> dict:
             source_loss={s: result.source_loss_sum[i] / result.source_tokens[i]
                          for i, s in enumerate(sources) if result.source_tokens[i] > 0},
             source_tokens={s: int(result.source_tokens[i]) for i, s in enumerate(sources)},
+            data_crc=data_crc,
         )
         if eval_set is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
             record["eval"] = evaluate(ddp, eval_set, cfg, dims, seq_length)
@@ -195,6 +216,9 @@ def train(cfg: TrainConfig) -> dict:
             why = "exit_at_step reached" if step == cfg.exit_at_step else "SIGTERM received"
             _print0(f"{why}: checkpointed at step {step}, exiting")
             break
+    if step == total_steps and cfg.stop_after_stage:
+        _print0(f"stage {cfg.stop_after_stage} done at step {step}; rerun without "
+                f"stop_after_stage (same run_dir) to continue into the next stage")
     log.close()
     return dict(step=step, loss=last_loss, skipped_steps=skipped_total)
 
@@ -228,6 +252,35 @@ def evaluate(ddp: list, dataset, cfg: TrainConfig, dims: ParallelDims, seq_lengt
             out[f"{s}/loss"] = sums[i] / toks[i]
             out[f"{s}/ppl"] = math.exp(min(sums[i] / toks[i], 50))
     return out
+
+
+def _check_stage_names(cfg: TrainConfig, stage_ranges: dict) -> None:
+    named = [("stop_after_stage", cfg.stop_after_stage)] if cfg.stop_after_stage else []
+    named += [(f"stage_settings.{n}", n) for n in cfg.stage_settings]
+    for key, name in named:
+        if name not in stage_ranges:
+            raise ConfigError(f"{key}: the recipe {cfg.recipe} has no stage {name!r}; "
+                             f"its stages are {list(stage_ranges)}")
+
+
+def _data_fingerprint(batch: list[dict]) -> int:
+    """CRC32 of this step's tokens, summed over the data-parallel group.
+
+    Logged per step so a resumed run can be checked to read exactly the samples, in the
+    same order, that an uninterrupted run reads (for the same DP size).
+    """
+    import zlib
+
+    from megatron.core import parallel_state as ps
+
+    crc = 0
+    for mb in batch:
+        crc = zlib.crc32(mb["tokens"].numpy().tobytes(), crc)
+        crc = zlib.crc32(mb["labels"][:, -1:].numpy().tobytes(), crc)
+    total = torch.tensor([crc], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return int(total.item())
 
 
 def _save_rng(ckpt_tmp_dir: Path, *, rank: int) -> None:

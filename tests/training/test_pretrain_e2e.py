@@ -1,0 +1,218 @@
+"""pretrain_syne.py end to end on 2 gloo ranks over real data (the bundled tiny corpus).
+
+One uninterrupted TP2 run is the reference. Against it:
+- a run SIGKILLed mid-training and relaunched gives bit-identical per-step losses, grad
+  norms and data fingerprints (no sample repeated or skipped), and no duplicated log lines;
+- a run resumed from the reference's step-4 checkpoint at PP2 continues within 1e-5;
+- a stage-I-only run (stop_after_stage) continued into stage II equals the reference;
+- a NaN step is skipped (weights unchanged), too many in a row abort with a clear message;
+- per-source losses average back to the total, per-source token counts equal the index's,
+  and the LR follows the global WSD schedule, then stage II's own cosine schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.launch import REPO_ROOT, free_port
+
+CORPUS = REPO_ROOT / "examples" / "tiny" / "data"
+SOURCES = ("en_drama", "en_verse", "zh_poetry")
+G, SEQ, STEPS, STAGE1_STEPS = 8, 32, 10, 6
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megasyne.data.preprocess import PreprocessConfig, run_preprocess
+
+    root = tmp_path_factory.mktemp("e2e")
+    docs = {s: [json.loads(l) for l in (CORPUS / f"{s}.jsonl").open(encoding="utf-8")][:60]
+            for s in SOURCES}
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator((d["text"] for s in SOURCES for d in docs[s]), trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.save(str(root / "tokenizer.json"))
+    for s in SOURCES:
+        raw = root / f"{s}.jsonl"
+        raw.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[s]),
+                       encoding="utf-8")
+        run_preprocess(PreprocessConfig(inputs=[str(raw)], output_prefix=str(root / s),
+                                        tokenizer=str(root / "tokenizer.json"),
+                                        metadata_keys=["n_chars"], append_eod=True,
+                                        log_interval=0, progress=False))
+    recipe = dict(seq_length=SEQ, seed=7, on_exhaustion="new_epoch", sources={
+        "zh_poetry": str(root / "zh_poetry_text_document"),
+        "en_drama": {"prefix": str(root / "en_drama_text_document"), "order": "sequential"},
+        "en_verse": {"prefix": str(root / "en_verse_text_document"), "order": "ascending:n_chars"},
+    }, stages=[
+        dict(name="stage1", samples=STAGE1_STEPS * G,
+             weights={"zh": {"weight": 2, "children": {"zh_poetry": 1}},
+                      "en": {"weight": 8, "children": {"en_drama": 0.5, "en_verse": 0.5}}}),
+        dict(name="stage2", samples=(STEPS - STAGE1_STEPS) * G,
+             weights={"zh_poetry": 0.2, "en_drama": 0.6, "en_verse": 0.2}),
+    ])
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    base = dict(recipe="recipe.yaml", model="tiny_debug",
+                model_overrides=dict(vocab_size=512, max_position_embeddings=SEQ),
+                parallel=dict(tp=2), optim=dict(lr=2e-3, min_lr=2e-4),
+                schedule=dict(kind="wsd", warmup_steps=2, decay_steps=3, decay_shape="1-sqrt"),
+                stage_settings=dict(stage2=dict(lr=1e-3, min_lr=1e-4,
+                                                schedule=dict(kind="cosine", warmup_steps=1))),
+                micro_batch_size=2, global_batch_size=G, save_interval=2, keep_last=10,
+                tensorboard=False)
+    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    ref = launch(root, "ref")
+    assert ref.returncode == 0, ref.stderr[-6000:]
+    return root
+
+
+def launch(root: Path, run: str, *overrides: str, kill_at_step: int | None = None):
+    """Run pretrain_syne.py on 2 ranks; with kill_at_step, SIGKILL the whole job as soon as
+    metrics.jsonl shows that step (the launcher and both ranks, like a lost node)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "pretrain_syne.py",
+           "--config", str(root / "base.yaml"), "--set", f"run_dir={root / run}", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    if kill_at_step is not None:
+        metrics, deadline = root / run / "metrics.jsonl", time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at_step:
+                # torchrun starts each rank in its own session: kill the whole tree.
+                import psutil
+
+                tree = psutil.Process(proc.pid).children(recursive=True)
+                for p in tree:
+                    p.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def records(root: Path, run: str) -> list[dict]:
+    return [json.loads(l) for l in (root / run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reference_run_reports_consistent_losses_and_follows_the_schedules(setup):
+    from megasyne.data.dataset import MixtureDataset
+    from megasyne.training.schedule import ScheduleConfig, lr_at
+
+    recs = records(setup, "ref")
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    assert [r["stage"] for r in recs] == ["stage1"] * STAGE1_STEPS + ["stage2"] * (STEPS - STAGE1_STEPS)
+    index = MixtureDataset(setup / "ref" / "index")
+    for r in recs:
+        # Per-source losses average back to the total, weighted by their tokens ...
+        toks = r["source_tokens"]
+        mean = sum(r["source_loss"][s] * toks[s] for s in r["source_loss"]) / sum(toks.values())
+        # (the total is summed in fp32 on each rank, the per-source table in fp64)
+        assert math.isclose(mean, r["loss"], rel_tol=1e-6), r
+        # ... and the tokens per source are what the index put into this step.
+        ids = index.source_id[(r["step"] - 1) * G:r["step"] * G]
+        want = {s: int(np.sum(np.asarray(ids) == k)) * SEQ for k, s in enumerate(index.source_names)}
+        assert toks == want
+        assert r["consumed_samples"] == r["step"] * G and r["consumed_tokens"] == r["step"] * G * SEQ
+    wsd = ScheduleConfig(kind="wsd", warmup_steps=2, decay_steps=3, decay_shape="1-sqrt")
+    cos = ScheduleConfig(kind="cosine", warmup_steps=1)
+    want_lr = [lr_at(s, peak_lr=2e-3, min_lr=2e-4, total_steps=STEPS, schedule=wsd)
+               for s in range(STAGE1_STEPS)]
+    want_lr += [lr_at(s, peak_lr=1e-3, min_lr=1e-4, total_steps=STEPS - STAGE1_STEPS, schedule=cos)
+                for s in range(STEPS - STAGE1_STEPS)]
+    assert [r["lr"] for r in recs] == pytest.approx(want_lr, rel=1e-12)
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.25  # it learns (6.25 -> 5.87 measured)
+    assert (setup / "ref" / "config.yaml").exists()
+    assert sorted(p.name for p in (setup / "ref" / "checkpoints").glob("iter_*")) == \
+        [f"iter_{s:07d}" for s in range(2, STEPS + 1, 2)]
+
+
+def _same_steps(a: list[dict], b: list[dict], keys=("loss", "grad_norm", "data_crc", "source_loss")):
+    assert [r["step"] for r in b] == [r["step"] for r in a]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert ra[k] == rb[k], (ra["step"], k, ra[k], rb[k])
+
+
+def test_sigkill_and_resume_is_bit_identical(setup):
+    killed = launch(setup, "killed", kill_at_step=5)
+    assert killed.returncode != 0
+    partial = records(setup, "killed")
+    assert 5 <= len(partial) < STEPS, "the job was not killed mid-run"
+    resumed = launch(setup, "killed")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert "resumed from" in resumed.stdout
+    _same_steps(records(setup, "ref"), records(setup, "killed"))
+
+
+def test_resume_at_another_layout_tp2_to_pp2(setup):
+    (setup / "pp" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(setup / "ref" / "checkpoints" / "iter_0000004",
+                    setup / "pp" / "checkpoints" / "iter_0000004")
+    (setup / "pp" / "checkpoints" / "latest").write_text("iter_0000004")
+    proc = launch(setup, "pp", "parallel.tp=1", "parallel.pp=2")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ref, got = records(setup, "ref")[4:], records(setup, "pp")
+    assert [r["step"] for r in got] == list(range(5, STEPS + 1))
+    for ra, rb in zip(ref, got):
+        assert rb["loss"] == pytest.approx(ra["loss"], abs=1e-5), ra["step"]
+        assert rb["data_crc"] == ra["data_crc"]  # same DP size: same samples in the same order
+
+
+def test_stage_one_alone_then_stage_two(setup):
+    first = launch(setup, "staged", "stop_after_stage=stage1")
+    assert first.returncode == 0, first.stderr[-6000:]
+    assert [r["step"] for r in records(setup, "staged")] == list(range(1, STAGE1_STEPS + 1))
+    assert "stage stage1 done" in first.stdout
+    second = launch(setup, "staged")
+    assert second.returncode == 0, second.stderr[-6000:]
+    _same_steps(records(setup, "ref"), records(setup, "staged"))
+
+
+def test_nan_step_is_skipped_without_touching_the_weights(setup):
+    from megasyne.checkpoint.hf import param_maps
+    from megasyne.checkpoint.hf_convert import MegasyneCheckpoint
+
+    proc = launch(setup, "nan", "fault_nan_steps=[3]", "train_steps=3")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    recs = records(setup, "nan")
+    assert [r["skipped"] for r in recs] == [False, False, True] and recs[2]["skipped_steps"] == 1
+    assert math.isnan(recs[2]["loss"]) and recs[2]["grad_norm"] is None
+    after_skip = MegasyneCheckpoint(setup / "nan" / "checkpoints" / "iter_0000003")
+    ref_step2 = MegasyneCheckpoint(setup / "ref" / "checkpoints" / "iter_0000002")
+    for pm in param_maps(after_skip.config):
+        assert torch.equal(after_skip.read(pm.megatron), ref_step2.read(pm.megatron)), pm.megatron
+
+
+def test_too_many_nan_steps_in_a_row_abort_with_a_message(setup):
+    proc = launch(setup, "abort", "fault_nan_steps=[2,3]", "max_nonfinite_in_a_row=2")
+    assert proc.returncode != 0
+    assert "2 consecutive steps with a non-finite loss (last at step 3)" in proc.stderr
+
+
+def test_bad_stage_name_fails_before_training(setup):
+    proc = launch(setup, "badstage", "stop_after_stage=stage9")
+    assert proc.returncode != 0
+    assert "no stage 'stage9'" in proc.stderr and "['stage1', 'stage2']" in proc.stderr
+    assert not (setup / "badstage" / "metrics.jsonl").exists()
