@@ -1,0 +1,62 @@
+"""Trains tiny_debug 3 steps with torch ops and again with our Triton kernels (interpreter).
+
+Usage: model_kernels_worker.py OUT_DIR LAYOUT (LAYOUT: "single" on 1 rank, "tp2_sp" on 2).
+Both models start from the same full weights (built once, loaded into each) and see the same
+batches; the per-step losses and grad norms of both go to OUT_DIR/<LAYOUT>.pt.
+"""
+
+import os
+import sys
+
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA)
+import torch
+import torch.distributed as dist
+
+from megasyne.checkpoint.sharding import gather_full_state, load_full_state
+from megasyne.model.builder import ModelRuntime, build_model
+from megasyne.model.presets import tiny_debug
+from megasyne.parallel.dims import ParallelDims
+from megasyne.parallel.init import init_parallel
+from megasyne.training.optim import OptimConfig, build_optimizer, wrap_ddp
+from megasyne.training.step import train_step
+from tests.parallel.parity_worker import SEQ, global_batches, micro_batches
+
+LAYOUTS = {"single": dict(), "tp2_sp": dict(tp=2, sequence_parallel=True)}
+
+
+def main(out_dir: str, layout: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    dims = ParallelDims(world_size=int(os.environ.get("WORLD_SIZE", 1)), **LAYOUTS[layout])
+    init_parallel(dims, seed=0)
+    cfg = tiny_debug()
+    full = gather_full_state(build_model(cfg, dims, ModelRuntime(triton_kernels=False))[0],
+                             ps.get_tensor_model_parallel_group())
+    results = {}
+    for kernels in (False, True):
+        chunks = build_model(cfg, dims, ModelRuntime(triton_kernels=kernels))
+        from megasyne.model.norm import RMSNorm
+
+        norms_ = [m for m in chunks[0].modules() if isinstance(m, RMSNorm)]
+        assert len(norms_) == 2 * cfg.num_layers + 1  # every norm, the final one included
+        assert all(m.use_kernel is kernels for m in norms_)
+        assert chunks[0].use_triton_cross_entropy is kernels
+        load_full_state(chunks[0], full, ps.get_tensor_model_parallel_rank(), dims.tp)
+        ddp = wrap_ddp(chunks, dims)
+        optimizer = build_optimizer(ddp, dims, OptimConfig(lr=1e-3, weight_decay=0.1))
+        losses, norms = [], []
+        for step, tokens in enumerate(global_batches()):
+            for group in optimizer.param_groups:
+                group["lr"] = 1e-3
+            mbs = micro_batches(tokens, 0, 1, 2)
+            r = train_step(ddp, optimizer, iter(mbs), num_microbatches=len(mbs),
+                           micro_batch_size=2, seq_length=SEQ)
+            losses.append(r.loss)
+            norms.append(r.grad_norm)
+        results["kernels" if kernels else "torch"] = dict(losses=losses, grad_norms=norms)
+    if dist.get_rank() == 0:
+        torch.save(results, os.path.join(out_dir, f"{layout}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
