@@ -58,3 +58,37 @@ def micro_batches(dataset, *, first_sample: int, per_rank: int, dp_rank: int,
             sample_ids=list(range(start + k, start + k + micro_batch_size)),
         ))
     return out
+
+
+def check_vocabulary(dataset, vocab_size: int, what: str) -> None:
+    """Fail before training when a source was tokenised for a larger vocabulary than the model's.
+
+    preprocess_data.py records its tokenizer beside each dataset (``<prefix>.report.json``);
+    all sources of a run must share one tokenizer and fit the model's vocabulary. Datasets
+    made by other tools carry no report: their token ids are checked against the model by
+    Megatron's embedding at the first step instead (an index error naming no file), so we
+    say which sources could not be checked.
+    """
+    import json
+    import warnings
+
+    seen, unchecked = {}, []
+    for source in dataset.meta["sources"]:
+        prefix = source["prefix"]
+        report = Path(prefix + ".report.json")
+        if not report.is_file():
+            unchecked.append(prefix)
+            continue
+        tok = json.loads(report.read_text()).get("tokenizer", {})
+        if tok.get("vocab_size", 0) > vocab_size:
+            raise ValueError(
+                f"{what}: {prefix} was tokenised with {tok.get('path')} (vocabulary "
+                f"{tok['vocab_size']}) but the model's vocab_size is {vocab_size}: use the "
+                f"model's tokenizer, or set model_overrides.vocab_size")
+        seen[prefix] = tok.get("sha256")
+    if len(set(seen.values())) > 1:
+        detail = "; ".join(f"{p}: {h[:12] if h else None}" for p, h in seen.items())
+        raise ValueError(f"{what}: sources were tokenised with different tokenizers ({detail})")
+    if unchecked:
+        warnings.warn(f"{what}: no preprocess report beside {unchecked}; their token ids are not "
+                      f"checked against the model's vocabulary ({vocab_size})")

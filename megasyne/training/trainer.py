@@ -23,7 +23,7 @@ from megasyne.parallel.dims import ParallelDims
 from megasyne.parallel.init import init_parallel, launcher_world
 from megasyne.training import metrics as M
 from megasyne.training.config import ConfigError, TrainConfig, dump_config
-from megasyne.training.data import build_index_on_rank0, micro_batches
+from megasyne.training.data import build_index_on_rank0, check_vocabulary, micro_batches
 from megasyne.training.optim import build_optimizer, wrap_ddp
 from megasyne.training.schedule import lr_at, stage_step_ranges
 from megasyne.training.step import gpt_forward_step, reduce_losses, run_microbatches, train_step
@@ -80,8 +80,12 @@ def train(cfg: TrainConfig) -> dict:
 
     dataset = build_index_on_rank0(cfg.recipe, run_dir / "index")
     seq_length = dataset.seq_length
+    try:
+        check_vocabulary(dataset, model_cfg.vocab_size, f"recipe {cfg.recipe}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if seq_length > model_cfg.max_position_embeddings:
-        raise ValueError(f"recipe seq_length {seq_length} exceeds the model's "
+        raise ConfigError(f"recipe seq_length {seq_length} exceeds the model's "
                          f"max_position_embeddings {model_cfg.max_position_embeddings}")
     total_steps = cfg.train_steps or len(dataset) // cfg.global_batch_size
     if total_steps * cfg.global_batch_size > len(dataset):

@@ -216,3 +216,11 @@ def test_bad_stage_name_fails_before_training(setup):
     assert proc.returncode != 0
     assert "no stage 'stage9'" in proc.stderr and "['stage1', 'stage2']" in proc.stderr
     assert not (setup / "badstage" / "metrics.jsonl").exists()
+
+
+def test_data_tokenised_for_a_larger_vocabulary_fails_before_training(setup):
+    proc = launch(setup, "badvocab", "model_overrides.vocab_size=256")
+    assert proc.returncode != 0  # (each rank exits 2; torchrun reports 1)
+    assert "en_drama_text_document was tokenised with" in proc.stderr
+    assert "(vocabulary 512) but the model's vocab_size is 256" in proc.stderr
+    assert not (setup / "badvocab" / "metrics.jsonl").exists()
