@@ -89,9 +89,11 @@ class SourceData:
 
     config: SourceConfig
     lengths: np.ndarray
-    """int32 [D] document lengths in document (write) order."""
+    """int32 [D] document lengths in document (write) order (all documents of the dataset)."""
     metric: np.ndarray | None
     """[D] the order metric for ascending/descending sources, else None."""
+    doc_ids: np.ndarray | None = None
+    """Sorted ids of the documents the source reads when its recipe entry has ``where``."""
     num_tokens: int
     samples_per_epoch: int
     fingerprint: dict
@@ -103,6 +105,11 @@ class SourceData:
 
     @property
     def num_docs(self) -> int:
+        """Documents the source reads (all of the dataset's unless filtered by ``where``)."""
+        return int(self.lengths.shape[0] if self.doc_ids is None else self.doc_ids.shape[0])
+
+    @property
+    def dataset_docs(self) -> int:
         return int(self.lengths.shape[0])
 
 
@@ -138,14 +145,44 @@ def open_source(cfg: SourceConfig, seq_length: int) -> SourceData:
             raise IndexBuildError(f"source {cfg.name!r}: metric {cfg.metric!r} has NaN at "
                                   f"document {int(np.flatnonzero(np.isnan(metric))[0])}")
         metric_fp = {"name": cfg.metric, "sha256": _array_sha256(metric)}
-    num_tokens = int(lengths.sum(dtype=np.int64))
+    doc_ids, where_fp = None, None
+    if cfg.where:
+        doc_ids, where_fp = _select_documents(cfg, ds)
+        num_tokens = int(np.asarray(lengths)[doc_ids].sum(dtype=np.int64))
+    else:
+        num_tokens = int(lengths.sum(dtype=np.int64))
     spe = num_samples_per_epoch(num_tokens, seq_length)
     if spe < 1:
         raise IndexBuildError(f"source {cfg.name!r} ({cfg.prefix}): {num_tokens} tokens cannot "
                               f"hold one sample of seq_length + 1 = {seq_length + 1} tokens")
+    fingerprint = {"idx": idx_fingerprint(cfg.prefix), "metric": metric_fp}
+    if where_fp is not None:
+        fingerprint["where"] = where_fp
     return SourceData(config=cfg, lengths=lengths, metric=metric, num_tokens=num_tokens,
-                      samples_per_epoch=spe,
-                      fingerprint={"idx": idx_fingerprint(cfg.prefix), "metric": metric_fp})
+                      samples_per_epoch=spe, fingerprint=fingerprint, doc_ids=doc_ids)
+
+
+def _select_documents(cfg: SourceConfig, ds) -> tuple[np.ndarray, dict]:
+    """Ids of the documents matching every ``where`` condition, and their fingerprint."""
+    from megasyne.data.metadata import metadata_field_info, read_metadata_field
+
+    if ds.num_documents != len(ds):
+        raise IndexBuildError(f"source {cfg.name!r}: 'where' needs one sequence per document "
+                              f"({cfg.prefix}.idx has {len(ds)} in {ds.num_documents})")
+    keep = np.ones(len(ds), dtype=bool)
+    fp = {}
+    for field_name, values in cfg.where:
+        categorical = "categories" in metadata_field_info(cfg.prefix, field_name)
+        column = read_metadata_field(cfg.prefix, field_name, decode=categorical)
+        keep &= np.isin(column, np.asarray(values, dtype=column.dtype
+                                           if column.dtype.kind != "O" else object))
+        fp[field_name] = {"values": list(values), "sha256": _array_sha256(
+            np.asarray(column, dtype=str) if column.dtype.kind == "O" else column)}
+    ids = np.flatnonzero(keep)
+    if ids.size == 0:
+        raise IndexBuildError(f"source {cfg.name!r}: no document of {cfg.prefix} matches "
+                              f"where {dict((f, list(v)) for f, v in cfg.where)}")
+    return ids.astype(sample_index_dtype(len(ds))), fp
 
 
 def _rng(seed: int, name: str, epoch: int, purpose: str) -> np.random.Generator:
@@ -157,6 +194,13 @@ def _rng(seed: int, name: str, epoch: int, purpose: str) -> np.random.Generator:
 
 def document_order(src: SourceData, seed: int, epoch: int) -> np.ndarray:
     """Document ids of ``epoch`` in reading order [D] (int32, int64 past 2**31 documents)."""
+    if src.doc_ids is not None:  # a filtered source: the same orders over its documents
+        ids = src.doc_ids
+        inner = SourceData(config=src.config, lengths=src.lengths[ids],
+                           metric=None if src.metric is None else np.asarray(src.metric)[ids],
+                           num_tokens=src.num_tokens, samples_per_epoch=src.samples_per_epoch,
+                           fingerprint=src.fingerprint)
+        return ids[document_order(inner, seed, epoch)].astype(sample_index_dtype(src.dataset_docs))
     d = src.num_docs
     dt = sample_index_dtype(d)
     kind = src.config.kind
@@ -258,6 +302,8 @@ def _what_changed(old: dict, new: dict) -> str:
             changed.append(f"source {name} (new)")
         elif ofp.get("idx") != fp["idx"]:
             changed.append(f"source {name} data (.idx/.bin)")
+        elif ofp.get("where") != fp.get("where"):
+            changed.append(f"source {name} document filter field (where)")
         elif ofp.get("metric") != fp["metric"]:
             changed.append(f"source {name} metric sidecar")
     return ", ".join(changed) or "index format"
@@ -321,7 +367,7 @@ def build_index(recipe: Recipe, output_dir: str | os.PathLike, *,
         spe = src.samples_per_epoch
         used = _epochs_used(cursors[s], spe)
         n_epochs = stored_epochs(src, used)
-        dt = sample_index_dtype(src.num_docs)
+        dt = sample_index_dtype(src.dataset_docs)  # orders hold dataset document ids
         orders = np.lib.format.open_memmap(out / f"doc_order_{src.name}.npy", "w+", dt,
                                            (n_epochs, src.num_docs))
         sidx = np.lib.format.open_memmap(out / f"sample_index_{src.name}.npy", "w+", dt,
@@ -341,7 +387,9 @@ def build_index(recipe: Recipe, output_dir: str | os.PathLike, *,
         del orders, sidx, shuf
         sources_meta.append({
             "name": src.name, "id": s, "prefix": src.config.prefix, "order": src.config.order,
-            "num_docs": src.num_docs, "num_tokens": src.num_tokens, "samples_per_epoch": spe,
+            "num_docs": src.dataset_docs, "num_tokens": int(src.lengths.sum(dtype=np.int64)),
+            "selected_docs": src.num_docs, "selected_tokens": src.num_tokens,
+            "samples_per_epoch": spe,
             "samples_used": int(cursors[s]), "epochs_used": used, "stored_epochs": n_epochs,
             "fingerprint": src.fingerprint})
         logger.info("  source %s (%s): %d docs, %d samples/epoch, %d used = %.3f epochs",

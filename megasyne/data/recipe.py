@@ -96,9 +96,23 @@ class SourceConfig:
     """Dataset prefix (``<prefix>.bin``/``.idx``), absolute once loaded from a file."""
     order: str = "shuffle"
     """``shuffle`` | ``sequential`` | ``ascending:<metric>`` | ``descending:<metric>``."""
+    where: tuple = ()
+    """Document filter on sidecar fields, ``((field, (value, ...)), ...)``: the source reads
+    only the documents whose field takes one of the values (e.g. one topic of a web corpus:
+    ``where: {topic: 3}``, or ``{topic: [3, 5]}``; categorical fields match their strings)."""
 
     def __post_init__(self) -> None:
         _check_name(self.name, "", "source")
+        for item in self.where:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], tuple)
+                    and item[1]):
+                raise RecipeError("where", f"expected field -> value(s), got {item!r}")
+            if not isinstance(item[0], str) or not NAME_RE.match(item[0]):
+                raise RecipeError("where", f"field name {item[0]!r} must match {NAME_RE.pattern}")
+            for v in item[1]:
+                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                    raise RecipeError(f"where.{item[0]}", f"values must be numbers or strings, "
+                                                          f"got {v!r}")
         if not isinstance(self.prefix, str) or not self.prefix:
             raise RecipeError("prefix", f"expected a dataset prefix path, got {self.prefix!r}")
         kind, _, metric = self.order.partition(":") if isinstance(self.order, str) else ("", "", "")
@@ -285,7 +299,9 @@ class Recipe:
         """Canonical, resolved form (absolute prefixes); ``Recipe.from_dict`` round-trips it."""
         return {
             "seq_length": self.seq_length, "seed": self.seed, "on_exhaustion": self.on_exhaustion,
-            "sources": {n: {"prefix": s.prefix, "order": s.order} for n, s in self.sources.items()},
+            "sources": {n: {"prefix": s.prefix, "order": s.order,
+                            **({"where": {f: list(v) for f, v in s.where}} if s.where else {})}
+                        for n, s in self.sources.items()},
             "stages": [s.to_dict() for s in self.stages],
         }
 
@@ -332,16 +348,23 @@ def _parse_sources(raw: Any, base: Path) -> dict[str, SourceConfig]:
             spec = {"prefix": spec}
         if not isinstance(spec, dict):
             raise RecipeError(path, "expected a prefix string or {prefix, order}")
-        unknown = set(spec) - {"prefix", "order"}
+        unknown = set(spec) - {"prefix", "order", "where"}
         if unknown:
-            raise RecipeError(f"{path}.{sorted(unknown)[0]}", "unknown key (known: prefix, order)")
+            raise RecipeError(f"{path}.{sorted(unknown)[0]}",
+                              "unknown key (known: prefix, order, where)")
+        where = spec.get("where") or {}
+        if not isinstance(where, dict):
+            raise RecipeError(f"{path}.where", "expected a mapping field -> value or [values]")
+        where = tuple((str(f), tuple(v) if isinstance(v, (list, tuple)) else (v,))
+                      for f, v in sorted(where.items()))
         if "prefix" not in spec:
             raise RecipeError(f"{path}.prefix", "missing")
         prefix = spec["prefix"]
         if isinstance(prefix, str) and prefix:
             prefix = os.path.normpath(os.path.join(base, os.path.expanduser(prefix)))
         try:
-            out[name] = SourceConfig(name=name, prefix=prefix, order=spec.get("order", "shuffle"))
+            out[name] = SourceConfig(name=name, prefix=prefix, order=spec.get("order", "shuffle"),
+                                     where=where)
         except RecipeError as exc:
             raise exc.under(path) from None
     return out
