@@ -110,6 +110,11 @@ class TrainConfig:
     a later run with the same run_dir and no stop continues into the next stage)."""
     stage_settings: dict = field(default_factory=dict)
     """Recipe stage name -> StageSettings (its own LR and schedule inside that stage)."""
+    adaptive: "AdaptiveTrainConfig | None" = None
+    """Adaptive topic mixture (megasyne.training.adaptive); needs eval_recipe."""
+    fault_topic_ppl_growth: dict = field(default_factory=dict)
+    """Testing hook: topic -> rate at which its measured validation perplexity is made to grow
+    per adaptive interval (to exercise the adaptive mixture on a tiny model)."""
 
     def __post_init__(self):
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
@@ -126,6 +131,9 @@ class TrainConfig:
             raise ConfigError(f"recipe: file not found: {self.recipe}")
         if self.eval_recipe and not Path(self.eval_recipe).is_file():
             raise ConfigError(f"eval_recipe: file not found: {self.eval_recipe}")
+        if self.adaptive is not None and not self.eval_recipe:
+            raise ConfigError("adaptive needs eval_recipe: the topics' validation perplexity "
+                              "drives the mixture")
         for name, st in self.stage_settings.items():
             if not isinstance(st, StageSettings):
                 raise ConfigError(f"stage_settings.{name} must be a StageSettings")
@@ -231,6 +239,20 @@ def from_dict(raw: dict, *, base_dir: str | os.PathLike = ".") -> TrainConfig:
             kwargs["stage_settings"][name] = StageSettings(**st)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"stage_settings.{name}: {exc}") from None
+    if kwargs.get("adaptive") is not None:
+        from megasyne.training.adaptive import AdaptiveTrainConfig
+
+        section = kwargs["adaptive"]
+        if not isinstance(section, dict):
+            raise ConfigError("adaptive must be a mapping (topics, interval_steps, alpha, ...)")
+        fields = {f.name for f in dataclasses.fields(AdaptiveTrainConfig)}
+        bad = sorted(set(section) - fields)
+        if bad:
+            raise ConfigError(f"unknown keys in adaptive: {bad}; known: {sorted(fields)}")
+        try:
+            kwargs["adaptive"] = AdaptiveTrainConfig(**section)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"adaptive: {exc}") from None
     if "fault_nan_steps" in kwargs:
         kwargs["fault_nan_steps"] = tuple(kwargs["fault_nan_steps"] or ())
     try:
@@ -254,6 +276,8 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
 def dump_config(cfg: TrainConfig, path: Path) -> None:
     data = cfg.to_dict()
     data["fault_nan_steps"] = list(data["fault_nan_steps"])
+    if data.get("adaptive"):
+        data["adaptive"]["topics"] = list(data["adaptive"]["topics"])
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, path)

@@ -64,6 +64,11 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, record["step"])
             for name, value in (record.get("source_loss") or {}).items():
                 self.tb.add_scalar(f"source_loss/{name}", value, record["step"])
+            for name, value in (record.get("eval") or {}).items():
+                self.tb.add_scalar(f"eval/{name}", value, record["step"])
+            decision = record.get("adaptive") or {}
+            for topic, ratio in zip(decision.get("topics", []), decision.get("new_ratios", [])):
+                self.tb.add_scalar(f"adaptive_ratio/{topic}", ratio, record["step"])
             self.tb.flush()
 
     def close(self) -> None:

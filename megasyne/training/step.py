@@ -113,10 +113,14 @@ def reduce_losses(parts: list, num_sources: int = 0) -> tuple[float, list, list]
         if num_sources:
             total[2:] += part["source"].reshape(-1).cpu()
     if dist.is_initialized():
+        # NCCL reduces only CUDA tensors ("No backend type associated with device type cpu").
+        if dist.get_backend() == "nccl":
+            total = total.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         # Only the last pipeline stage computed the loss: share it with the other stages.
         dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
+        total = total.cpu()
     loss = float(total[0] / total[1]) if total[1] > 0 else float("nan")
     table = total[2:].reshape(num_sources, 2) if num_sources else torch.zeros(0, 2)
     return loss, table[:, 0].tolist(), table[:, 1].tolist()

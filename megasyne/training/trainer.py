@@ -100,6 +100,17 @@ def train(cfg: TrainConfig) -> dict:
         total_steps = stage_ranges[cfg.stop_after_stage][1]
     eval_set = build_index_on_rank0(cfg.eval_recipe, run_dir / "eval_index") \
         if cfg.eval_recipe else None
+    adaptive = None
+    if cfg.adaptive is not None:
+        from megasyne.training.adaptive import AdaptiveController
+
+        try:
+            adaptive = AdaptiveController(cfg.adaptive, dataset, eval_set.source_names, run_dir,
+                                          global_batch_size=cfg.global_batch_size,
+                                          is_writer=rank == 0,
+                                          fault_growth=cfg.fault_topic_ppl_growth)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     runtime = ModelRuntime(dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
                            triton_kernels=cfg.triton_kernels, recompute=cfg.recompute)
@@ -128,9 +139,16 @@ def train(cfg: TrainConfig) -> dict:
         if extra.get("layout") == _layout(dims) and rng_file.exists():
             torch.set_rng_state(torch.load(rng_file))
         log.truncate_after(step)
+        if adaptive is not None:
+            if "adaptive" not in extra:
+                raise ConfigError(f"{resume} was saved without the adaptive mixture; resume it "
+                                  f"with the same adaptive settings it was started with")
+            adaptive.load_state_dict(extra["adaptive"])
         _print0(f"resumed from {resume} at step {step} "
                 f"(consumed samples {step * cfg.global_batch_size})")
-    elif cfg.init_checkpoint:
+    else:
+        log.truncate_after(-1)  # a fresh start: drop lines of a run killed before its first save
+    if resume is None and cfg.init_checkpoint:
         ckpt.load_checkpoint(cfg.init_checkpoint, ddp, model_config=model_cfg.to_dict())
         _print0(f"initial weights from {cfg.init_checkpoint}")
 
@@ -145,6 +163,8 @@ def train(cfg: TrainConfig) -> dict:
         extra = dict(consumed_samples=at_step * cfg.global_batch_size,
                      global_batch_size=cfg.global_batch_size, layout=_layout(dims),
                      skipped_steps=skipped_total, recipe=cfg.recipe)
+        if adaptive is not None:
+            extra["adaptive"] = adaptive.state_dict()
         path = ckpt.save_checkpoint(run_dir / "checkpoints", at_step, ddp,
                                     model_config=model_cfg.to_dict(), layout=_layout(dims),
                                     optimizer=optimizer, extra=extra, keep_last=cfg.keep_last,
@@ -165,6 +185,10 @@ def train(cfg: TrainConfig) -> dict:
         # run early: a stage-I-only run follows the same curve as the full run would.
         return lr_at(at, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                      total_steps=run_steps, schedule=cfg.schedule), name
+
+    if adaptive is not None and step == 0 and resume is None:
+        baseline = evaluate(ddp, eval_set, cfg, dims, seq_length)
+        log.write({"step": 0, "eval": baseline, "adaptive": adaptive.decide(0, baseline)})
 
     while step < total_steps:
         lr, stage = lr_for(step)
@@ -210,6 +234,13 @@ def train(cfg: TrainConfig) -> dict:
         )
         if eval_set is not None and cfg.eval_interval and step % cfg.eval_interval == 0:
             record["eval"] = evaluate(ddp, eval_set, cfg, dims, seq_length)
+        if adaptive is not None and adaptive.due(step) and step * cfg.global_batch_size < len(dataset):
+            if "eval" not in record:
+                record["eval"] = evaluate(ddp, eval_set, cfg, dims, seq_length)
+            record["adaptive"] = adaptive.decide(step, record["eval"])
+            _print0(f"adaptive mixture at step {step}: " + ", ".join(
+                f"{t}={r:.3f}" for t, r in zip(record["adaptive"]["topics"],
+                                               record["adaptive"]["new_ratios"])))
         log.write(record)
         if step % cfg.log_interval == 0 or step == total_steps:
             _print0(M.console_line(record))
