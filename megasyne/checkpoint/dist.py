@@ -238,9 +238,11 @@ def _materialise_torch_adam_state(optimizer) -> None:
         if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         for group in opt.param_groups:
+            # fused Adam keeps `step` on the parameter's device, the other paths on the CPU
+            step_device = None if group.get("fused") else "cpu"
             for p in group["params"]:
                 if not opt.state[p]:
-                    opt.state[p] = {"step": torch.tensor(0.0),
+                    opt.state[p] = {"step": torch.tensor(0.0, device=step_device or p.device),
                                     "exp_avg": torch.zeros_like(p.data),
                                     "exp_avg_sq": torch.zeros_like(p.data)}
 
@@ -253,6 +255,10 @@ def _unshare_step_tensors(optimizer) -> None:
     changes the bias correction and the losses (1e-3 drift measured).
     """
     for opt in _torch_optimizers(optimizer):
-        for state in opt.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                if isinstance(state.get("step"), torch.Tensor):
+                    step = state["step"].clone()
+                    # fused Adam needs `step` as fp32 on the parameter's device
+                    state["step"] = step.to(p.device, torch.float32) if group.get("fused") else step

@@ -63,3 +63,11 @@ def destroy_parallel() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def comm_device() -> torch.device:
+    """Where small tensors of our own collectives must live: NCCL reduces only CUDA tensors
+    ("No backend type associated with device type cpu"), gloo only CPU ones."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -24,6 +24,10 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
+    fused_adam: bool | None = None
+    """torch's fused AdamW kernel when megatron-core falls back to torch's optimizer (no TE /
+    apex); None = on with CUDA. Its default multi-tensor path took 33 ms of a 187 ms
+    TinyLlama step on an H100 (BENCHMARKS.md)."""
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -74,4 +78,28 @@ def build_optimizer(ddp_chunks: list, dims: ParallelDims, cfg: OptimConfig):
         # Must equal the DDP config's flag, or per-rank grad norms differ silently.
         use_distributed_optimizer=dims.distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, ddp_chunks)
+    optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    fused = torch.cuda.is_available() if cfg.fused_adam is None else cfg.fused_adam
+    if fused:
+        use_fused_adam(optimizer)
+    return optimizer
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch megatron-core's torch Adam/AdamW fallback to torch's fused kernel (same math).
+
+    The flag is read per param group at every step, and the per-parameter state is created
+    lazily at the first step (``step`` then lives on the parameter's device, as fused needs),
+    so setting it after construction is enough. TE/apex FusedAdam are left alone. Returns the
+    number of torch optimizers switched.
+    """
+    from megasyne.checkpoint.dist import _torch_optimizers
+
+    n = 0
+    for opt in _torch_optimizers(optimizer):
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            opt.defaults.update(fused=True, foreach=False)
+            for group in opt.param_groups:
+                group.update(fused=True, foreach=False)
+            n += 1
+    return n

@@ -40,7 +40,8 @@ def lm_loss_func(loss_mask: torch.Tensor, source: torch.Tensor | None, num_sourc
     loss_sum = per_seq.sum()
     report = {"lm loss": torch.stack([loss_sum.detach(), per_seq_tokens.sum()])}
     if num_sources:
-        table = torch.zeros(num_sources, 2, dtype=torch.float64)
+        table = torch.zeros(num_sources, 2, dtype=torch.float64, device=per_seq.device)
+        source = source.to(per_seq.device)
         table[:, 0].index_add_(0, source, per_seq.detach().double())
         table[:, 1].index_add_(0, source, per_seq_tokens.double())
         report["source"] = table
@@ -51,6 +52,10 @@ def gpt_forward_step(data_iterator: Iterator[dict], model, *, num_sources: int =
                      inject_nan: bool = False) -> tuple:
     """Megatron forward_step_func for batches made by ``megasyne.training.data``."""
     batch = next(data_iterator)
+    if torch.cuda.is_available():  # batches are built on the CPU from memory-mapped data
+        dev = torch.device("cuda", torch.cuda.current_device())
+        batch = {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(lm_loss_func, batch["loss_mask"], batch.get("source"), num_sources,
                            inject_nan)
@@ -113,9 +118,9 @@ def reduce_losses(parts: list, num_sources: int = 0) -> tuple[float, list, list]
         if num_sources:
             total[2:] += part["source"].reshape(-1).cpu()
     if dist.is_initialized():
-        # NCCL reduces only CUDA tensors ("No backend type associated with device type cpu").
-        if dist.get_backend() == "nccl":
-            total = total.to(torch.device("cuda", torch.cuda.current_device()))
+        from megasyne.parallel.init import comm_device
+
+        total = total.to(comm_device())  # NCCL reduces only CUDA tensors
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         # Only the last pipeline stage computed the loss: share it with the other stages.
         dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),

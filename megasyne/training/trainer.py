@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megasyne.checkpoint import dist as ckpt
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.parallel.dims import ParallelDims
-from megasyne.parallel.init import init_parallel, launcher_world
+from megasyne.parallel.init import comm_device, init_parallel, launcher_world
 from megasyne.training import metrics as M
 from megasyne.training.config import ConfigError, TrainConfig, dump_config
 from megasyne.training.data import build_index_on_rank0, check_vocabulary, micro_batches
@@ -45,7 +45,7 @@ class _Preemption:
 
     def agreed(self) -> bool:
         """All ranks must stop at the same step: any rank's signal stops everyone."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=comm_device())
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -312,7 +312,7 @@ def _data_fingerprint(batch: list[dict]) -> int:
     for mb in batch:
         crc = zlib.crc32(mb["tokens"].numpy().tobytes(), crc)
         crc = zlib.crc32(mb["labels"][:, -1:].numpy().tobytes(), crc)
-    total = torch.tensor([crc], dtype=torch.int64)
+    total = torch.tensor([crc], dtype=torch.int64, device=comm_device())
     if dist.is_initialized():
         dist.all_reduce(total, group=ps.get_data_parallel_group())
     return int(total.item())

@@ -26,6 +26,8 @@ LAYOUTS = {
     "dp": dict(), "dp_distopt": dict(distributed_optimizer=True),
     "tp": dict(tp=2), "tp_distopt": dict(tp=2, distributed_optimizer=True),
     "pp": dict(pp=2), "pp_distopt": dict(pp=2, distributed_optimizer=True),
+    # torch's fused AdamW (the CUDA default), which also runs on CPU
+    "dp_distopt_fused": dict(distributed_optimizer=True, fused_adam=True),
 }
 
 
@@ -34,11 +36,13 @@ def run(mode: str, out_dir: str, case: str) -> None:
 
     save_layout, resume_layout = case.split(">")
     layout = save_layout if mode == "full" else resume_layout
-    dims = ParallelDims(world_size=2, **LAYOUTS[layout])
+    spec = dict(LAYOUTS[layout])
+    fused = spec.pop("fused_adam", False)
+    dims = ParallelDims(world_size=2, **spec)
     init_parallel(dims, seed=0)
     cfg = tiny_debug()
     ddp = wrap_ddp(build_model(cfg, dims), dims)
-    optimizer = build_optimizer(ddp, dims, OptimConfig(lr=1e-3))
+    optimizer = build_optimizer(ddp, dims, OptimConfig(lr=1e-3, fused_adam=fused))
     root = os.path.join(out_dir, case.replace(">", "_to_"))
     start = 0
     if mode == "resume":
@@ -54,7 +58,7 @@ def run(mode: str, out_dir: str, case: str) -> None:
         losses.append(train_step(ddp, optimizer, iters, num_microbatches=len(mbs),
                                  micro_batch_size=1, seq_length=SEQ).loss)
         if mode == "full" and step == 0:
-            save_checkpoint(root, 1, ddp, model_config=cfg.to_dict(), layout=LAYOUTS[layout],
+            save_checkpoint(root, 1, ddp, model_config=cfg.to_dict(), layout=spec,
                             optimizer=optimizer)
     if dist.get_rank() == 0:
         with open(os.path.join(out_dir, f"{case}.{mode}.json"), "w") as f:
