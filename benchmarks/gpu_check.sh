@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# One GPU check in one call: install carried wheels, stage megasyne, run the benchmarks.
+#
+#   bash benchmarks/gpu_check.sh            # on a CUDA box (python3 with torch + triton)
+#   OUT=/tmp/gout DRY=1 PY=.venv/bin/python bash benchmarks/gpu_check.sh   # CPU rehearsal
+#
+# Made for a bare GPU machine that has torch, triton, transformers and pybind11 but not
+# megatron-core: wheels in $WHL_DIR (default .whl/: megatron-core 0.16.1, liger-kernel) are
+# installed with --no-deps into $SITE and put on PYTHONPATH. megasyne is staged into
+# /tmp/msy as an importable tree (megasyne/ + kernels/ as megasyne.kernels), so no build
+# is needed for the benchmarks; the C++ extension (csrc/) is compiled last, as a check.
+#
+# Steps, in order of value; each is time-limited, a failing step is reported (rc) and the
+# next one still runs; all JSON and the whole log land in $OUT:
+#   1. bench_train_gpu.py: TinyLlama-1.1B, seq 2048, mbs 4, kernels on/off vs HF  -> bench_train.json
+#   2. bench_kernels.py, short: 16384 tokens, CE vocab whole and split 4          -> bench_kernels.json
+#   3. bench_train_gpu.py again at micro-batch 8 (megasyne/triton, hf), if time is left
+#   4. python setup.py build_ext (csrc/) in a copy, then import megasyne._csrc
+set -u -o pipefail
+
+OUT=${OUT:-$PWD/gpu_out}
+PY=${PY:-python3}
+WHL_DIR=${WHL_DIR:-.whl}
+SITE=${SITE:-/tmp/site}
+STAGE=${STAGE:-/tmp/msy}
+DRY=${DRY:-0}                  # 1: CPU rehearsal (benchmarks with --dry-run)
+BUDGET_S=${BUDGET_S:-420}      # stop starting optional steps after this many seconds
+SKIP=${SKIP:-}                 # step names to skip, e.g. SKIP="bench_kernels build_csrc"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+REPO=$PWD
+T0=$SECONDS
+STATUS=""
+
+elapsed() { echo $((SECONDS - T0)); }
+
+# step NAME TIMEOUT_S CMD...: run, time-limited, and record NAME=rc (124 = timed out).
+step() {
+  local name=$1 limit=$2
+  shift 2
+  case " ${SKIP:-} " in *" $name "*) echo "=== skip $name (SKIP)"; STATUS="$STATUS $name=skipped"; return 0;; esac
+  echo
+  echo "=== [$(elapsed)s] BEGIN $name (limit ${limit}s): $*"
+  if declare -F "$1" >/dev/null; then  # a function of this script: run it in a child bash
+    timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@"
+  else
+    timeout --kill-after=10 "$limit" "$@"
+  fi
+  local rc=$?
+  [ $rc -eq 124 ] && echo "!!! $name TIMED OUT after ${limit}s"
+  [ $rc -ne 0 ] && echo "!!! $name FAILED rc=$rc"
+  echo "=== [$(elapsed)s] END $name rc=$rc"
+  STATUS="$STATUS $name=$rc"
+  return 0
+}
+
+install_wheels() {
+  shopt -s nullglob
+  local wheels=("$WHL_DIR"/*.whl)
+  shopt -u nullglob
+  if [ ${#wheels[@]} -eq 0 ]; then
+    echo "no wheels in $WHL_DIR: using what is installed"
+    return 0
+  fi
+  printf '  %s\n' "${wheels[@]}"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$SITE" "${wheels[@]}"
+}
+
+stage_megasyne() {
+  rm -rf "$STAGE" && mkdir -p "$STAGE" || return 1
+  cp -r "$REPO/megasyne" "$STAGE/" || return 1
+  rm -rf "$STAGE/megasyne/kernels" "$STAGE"/megasyne/_csrc*.so
+  cp -r "$REPO/kernels" "$STAGE/megasyne/kernels" || return 1
+  find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +
+  echo "staged megasyne in $STAGE"
+}
+
+versions() {
+  # From /tmp so that the checkout's megasyne/ (no kernels/ inside) cannot shadow the stage.
+  (cd /tmp && "$PY" - <<'EOF'
+import importlib, sys
+import torch
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"{p.total_memory / 2**30:.1f} GiB", p.multi_processor_count, "SMs")
+for name in ("triton", "transformers", "tokenizers", "safetensors", "megatron.core", "liger_kernel", "numpy"):
+    try:
+        mod = importlib.import_module(name)
+        print(name, getattr(mod, "__version__", "?"), mod.__file__)
+    except Exception as exc:
+        print(name, "NOT IMPORTABLE:", type(exc).__name__, exc)
+import megasyne, megasyne.kernels
+from megasyne.model import accel
+print("megasyne", megasyne.__file__, "| kernels", megasyne.kernels.__file__)
+print("path:", accel.describe())
+EOF
+  )
+}
+
+build_csrc() {
+  local dir=/tmp/msbuild
+  rm -rf "$dir" && mkdir -p "$dir" || return 1
+  cp -r "$REPO/setup.py" "$REPO/pyproject.toml" "$REPO/csrc" "$REPO/megasyne" "$REPO/kernels" "$dir/" || return 1
+  rm -f "$dir"/megasyne/_csrc*.so
+  (cd "$dir" && "$PY" setup.py -q build_ext --inplace -j 8) || return 1
+  (cd "$dir" && "$PY" -c "from megasyne import _csrc; print('megasyne._csrc', _csrc.__file__, _csrc.INDEX_ALGO_VERSION)")
+}
+
+summary() {
+  (cd /tmp && OUT="$OUT" "$PY" - <<'EOF'
+import json, os
+out = os.environ["OUT"]
+for name in ("bench_train.json", "bench_train_mbs8.json"):
+    path = os.path.join(out, name)
+    if not os.path.exists(path):
+        print(f"{name}: missing")
+        continue
+    d = json.load(open(path))
+    base = d["results"].get("hf", {}).get("tokens_per_s")
+    print(f"{name}: {d['card']} seq {d['seq']} mbs {d['mbs']}")
+    for v, r in d["results"].items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        ratio = f"{r['tokens_per_s'] / base:.2f}x hf" if base else ""
+        print(f"  {v:16s} {1e3 * r['step_s']:7.1f} ms {r['tokens_per_s']:8.0f} tok/s MFU {mfu} "
+              f"mem {r['peak_mem_gib'] or 0:.1f} GiB {ratio} loss0 {r['losses'][0]:.4f}")
+    for v, e in d.get("errors", {}).items():
+        print(f"  {v:16s} FAILED {e[:200]}")
+    print("  checks:", d.get("checks"), "| first loss:", d.get("first_loss_on_off"),
+          "| targets:", d.get("targets"))
+path = os.path.join(out, "bench_kernels.json")
+if os.path.exists(path):
+    d = json.load(open(path))
+    ok = sum(c["ok"] for c in d.get("correctness", []))
+    print(f"bench_kernels.json: {d.get('card')} copy {d.get('copy_gbs', 0):.0f} GB/s, "
+          f"correctness {ok}/{len(d.get('correctness', []))}")
+    for r in d.get("results", []):
+        t = r.get("fwd_bwd_ms")
+        t = f"{t:8.3f} ms" if t is not None else f"ERROR {str(r.get('error', r))[:80]}"
+        print(f"  {r['kernel']:13s} {str(r['shape']):16s} {r['impl'][:44]:44s} {t}")
+else:
+    print("bench_kernels.json: missing")
+EOF
+  )
+}
+
+export OUT PY WHL_DIR SITE STAGE REPO
+export -f install_wheels stage_megasyne versions build_csrc
+
+main() {
+  echo "# gpu_check $(date -u +%FT%TZ) in $REPO, OUT=$OUT, DRY=$DRY"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv 2>&1 || echo "(no nvidia-smi)"
+  step install_wheels 120 install_wheels
+  export PYTHONPATH="$STAGE:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  step stage 30 stage_megasyne
+  step versions 90 versions
+
+  local dry=()
+  [ "$DRY" = 1 ] && dry=(--dry-run)
+  step bench_train 270 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --warmup 3 --steps 8 \
+    --variants megasyne/triton,megasyne/torch,hf,hf_bf16 --profile --out "$OUT/bench_train.json"
+
+  if [ "$(elapsed)" -lt $((BUDGET_S - 150)) ]; then
+    step bench_kernels 130 "$PY" benchmarks/bench_kernels.py "${dry[@]}" --tokens 16384 --splits 1,4 \
+      --warmup 3 --reps 10 --budget-s 60 --out "$OUT/bench_kernels.json"
+  else
+    echo "!!! skipped bench_kernels: $(elapsed)s elapsed"; STATUS="$STATUS bench_kernels=skipped"
+  fi
+
+  if [ "$(elapsed)" -lt $((BUDGET_S - 110)) ]; then
+    step bench_train_mbs8 100 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --mbs 8 --warmup 3 --steps 6 \
+      --variants megasyne/triton,hf --out "$OUT/bench_train_mbs8.json"
+  else
+    echo "!!! skipped bench_train_mbs8: $(elapsed)s elapsed"; STATUS="$STATUS bench_train_mbs8=skipped"
+  fi
+
+  if [ "$(elapsed)" -lt $((BUDGET_S - 60)) ]; then
+    step build_csrc 60 build_csrc
+  else
+    echo "!!! skipped build_csrc: $(elapsed)s elapsed"; STATUS="$STATUS build_csrc=skipped"
+  fi
+
+  echo
+  echo "=== [$(elapsed)s] SUMMARY"
+  summary
+  echo "step status (rc):$STATUS"
+  nvidia-smi --query-gpu=clocks.sm,power.draw,temperature.gpu,memory.used --format=csv 2>&1 | tail -1
+  echo "=== [$(elapsed)s] done"
+}
+
+main 2>&1 | tee "$OUT/log.txt"
+exit 0  # per-step status is in the log; one failing step must not hide the others
