@@ -170,6 +170,7 @@ def build_model(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRuntime = Mo
             rope_scaling_factor=cfg.rope_scaling.factor if cfg.rope_scaling else 8.0,
             vp_stage=stage,
             use_triton_cross_entropy=runtime.kernels_on,
+            real_vocab_size=cfg.vocab_size,
         )
         model.llama_config = cfg
         if not runtime.init_weights:

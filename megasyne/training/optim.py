@@ -79,10 +79,26 @@ def build_optimizer(ddp_chunks: list, dims: ParallelDims, cfg: OptimConfig):
         use_distributed_optimizer=dims.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    apply_weight_decay_mult(optimizer, cfg.weight_decay)
     fused = torch.cuda.is_available() if cfg.fused_adam is None else cfg.fused_adam
     if fused:
         use_fused_adam(optimizer)
     return optimizer
+
+
+def apply_weight_decay_mult(optimizer, weight_decay: float) -> None:
+    """Give each param group its real weight decay: ``weight_decay * wd_mult``.
+
+    megatron-core puts norms and biases in groups with ``wd_mult = 0`` but builds every group
+    with ``weight_decay = config.weight_decay``; only Megatron-LM's OptimizerParamScheduler
+    multiplies them, each step. We drive the LR ourselves, so we apply the multiplier once
+    here (found by the HF training-parity test: norms were decayed, 1e-5 loss drift).
+    """
+    from megasyne.checkpoint.dist import _torch_optimizers
+
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
 
 
 def use_fused_adam(optimizer) -> int:
