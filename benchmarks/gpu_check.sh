@@ -109,6 +109,19 @@ build_csrc() {
   (cd "$dir" && "$PY" -c "from megasyne import _csrc; print('megasyne._csrc', _csrc.__file__, _csrc.INDEX_ALGO_VERSION)")
 }
 
+# The trainer itself on CUDA (NCCL, Triton kernels, fused AdamW): the README's tiny job on one
+# GPU, preprocess -> index -> train to step 20 -> checkpoint -> resume -> step 40.
+tiny_job() {
+  cd "$REPO" || return 1
+  [ -e megasyne/kernels ] || ln -s ../kernels megasyne/kernels   # package_dir, as pip would map it
+  "$PY" setup.py -q build_ext --inplace -j 8 >/dev/null || return 1
+  PYTHONPATH="$REPO:$SITE" "$PY" examples/tiny/run_tiny.py --nproc 1 --set parallel.tp=1 dtype=bf16 \
+    || return 1
+  tail -n 3 runs/tiny/metrics.jsonl | cut -c1-400
+  cp runs/tiny/metrics.jsonl "$OUT/tiny_metrics.jsonl"; cp runs/tiny/loss.png "$OUT/tiny_loss.png" 2>/dev/null
+  return 0
+}
+
 summary() {
   (cd /tmp && OUT="$OUT" "$PY" - <<'EOF'
 import json, os
@@ -147,7 +160,7 @@ EOF
 }
 
 export OUT PY WHL_DIR SITE STAGE REPO
-export -f install_wheels stage_megasyne versions build_csrc
+export -f install_wheels stage_megasyne versions build_csrc tiny_job
 
 main() {
   echo "# gpu_check $(date -u +%FT%TZ) in $REPO, OUT=$OUT, DRY=$DRY"
@@ -159,6 +172,16 @@ main() {
 
   local dry=()
   [ "$DRY" = 1 ] && dry=(--dry-run)
+  if [ "${PLAN:-}" = trainer ]; then  # second call of a session: the trainer on CUDA + fused AdamW
+    step tiny_job 150 tiny_job
+    step bench_train 130 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --warmup 3 --steps 6 \
+      --variants megasyne/triton,hf --out "$OUT/bench_train.json"
+    if [ "$(elapsed)" -lt $((BUDGET_S - 70)) ]; then
+      step bench_train_mbs8 70 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --mbs 8 --warmup 2 \
+        --steps 5 --variants megasyne/triton --out "$OUT/bench_train_mbs8.json"
+    fi
+    echo; echo "=== [$(elapsed)s] SUMMARY"; summary; echo "step status (rc):$STATUS"; return 0
+  fi
   step bench_train 270 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --warmup 3 --steps 8 \
     --variants megasyne/triton,megasyne/torch,hf,hf_bf16 --profile --out "$OUT/bench_train.json"
 
