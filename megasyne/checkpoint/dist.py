@@ -152,8 +152,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
 def check_model_compatible(manifest: dict, model_config: dict, path) -> None:
     """Fail before training when the checkpoint's architecture differs from the run's."""
     saved = manifest["model"]
+    # Everything but the name and max_position_embeddings (CPT may lengthen the context):
+    # a different RoPE base or scaling would run silently with wrong positions.
     fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-              "ffn_hidden_size", "vocab_size", "tie_word_embeddings")
+              "ffn_hidden_size", "vocab_size", "tie_word_embeddings", "rope_theta",
+              "rope_scaling", "norm_eps")
     diffs = [f"{f}: checkpoint {saved.get(f)} vs run {model_config.get(f)}"
              for f in fields if saved.get(f) != model_config.get(f)]
     if diffs:

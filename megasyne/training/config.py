@@ -63,7 +63,8 @@ class TrainConfig:
     recipe: str
     """Mixture/curriculum recipe YAML (megasyne.data.recipe); its seq_length is the run's."""
     model: str = "tiny_debug"
-    """Model preset name (megasyne.model.presets)."""
+    """Model preset name (megasyne.model.presets), or "init_checkpoint": the architecture
+    recorded in init_checkpoint's manifest (e.g. what convert_hf.py read from config.json)."""
     model_overrides: dict = field(default_factory=dict)
     """Fields of the preset to change (e.g. vocab_size to match the tokenizer)."""
     init_checkpoint: str | None = None
@@ -142,6 +143,17 @@ class TrainConfig:
         self.model_config()  # validates the preset and overrides
 
     def model_config(self) -> LlamaConfig:
+        if self.model == "init_checkpoint":
+            if not self.init_checkpoint:
+                raise ConfigError("model: init_checkpoint needs init_checkpoint to be set")
+            from megasyne.checkpoint.dist import read_manifest, resolve
+
+            try:
+                saved = dict(read_manifest(resolve(self.init_checkpoint))["model"])
+                saved.update(self.model_overrides)
+                return LlamaConfig.from_dict(saved)
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(f"model from init_checkpoint {self.init_checkpoint}: {exc}") from None
         try:
             return get_preset(self.model, **self.model_overrides)
         except (TypeError, ValueError) as exc:

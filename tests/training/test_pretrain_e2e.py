@@ -194,3 +194,34 @@ def test_data_tokenised_for_a_larger_vocabulary_fails_before_training(setup):
     assert "en_drama_text_document was tokenised with" in proc.stderr
     assert "(vocabulary 512) but the model's vocab_size is 256" in proc.stderr
     assert not (setup / "badvocab" / "metrics.jsonl").exists()
+
+
+def test_training_starts_from_a_converted_hugging_face_checkpoint(setup):
+    """model: init_checkpoint takes the architecture from convert_hf's manifest; the first
+    step's loss (TP2, before any update) equals transformers' on the same 8 samples."""
+    import transformers
+
+    from megasyne.checkpoint.hf_convert import hf_to_megasyne
+    from megasyne.data.dataset import MixtureDataset
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_theta=20000.0)).eval()
+    hf.save_pretrained(setup / "hf_init")
+    hf_to_megasyne(setup / "hf_init", setup / "ms_init", progress=False)
+    proc = launch(setup, "from_hf", "model=init_checkpoint", f"init_checkpoint={setup / 'ms_init'}",
+                  "train_steps=1")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "initial weights from" in proc.stdout
+    loss = records(setup, "from_hf")[0]["loss"]
+    tokens = torch.from_numpy(np.stack([MixtureDataset(setup / "from_hf" / "index")[i]["tokens"]
+                                        for i in range(G)]))
+    with torch.no_grad():
+        logits = hf(input_ids=tokens[:, :-1]).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), tokens[:, 1:].reshape(-1))
+    assert loss == pytest.approx(ref.item(), abs=1e-5)
+    # the architecture really came from the checkpoint (rope_theta 20000 is in no preset)
+    saved = yaml.safe_load((setup / "from_hf" / "config.yaml").read_text())
+    assert saved["model"] == "init_checkpoint"
