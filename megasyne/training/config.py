@@ -113,6 +113,9 @@ class TrainConfig:
     """Recipe stage name -> StageSettings (its own LR and schedule inside that stage)."""
     adaptive: "AdaptiveTrainConfig | None" = None
     """Adaptive topic mixture (megasyne.training.adaptive); needs eval_recipe."""
+    bench_eval: "BenchEvalConfig | None" = None
+    """Benchmark accuracy during training (megasyne.training.bench_eval): a fixed
+    multiple-choice subset scored every interval_steps; needs pipeline parallel size 1."""
     fault_topic_ppl_growth: dict = field(default_factory=dict)
     """Testing hook: topic -> rate at which its measured validation perplexity is made to grow
     per adaptive interval (to exercise the adaptive mixture on a tiny model)."""
@@ -265,6 +268,23 @@ def from_dict(raw: dict, *, base_dir: str | os.PathLike = ".") -> TrainConfig:
             kwargs["adaptive"] = AdaptiveTrainConfig(**section)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"adaptive: {exc}") from None
+    if kwargs.get("bench_eval") is not None:
+        from megasyne.training.bench_eval import BenchEvalConfig
+
+        section = dict(kwargs["bench_eval"]) if isinstance(kwargs["bench_eval"], dict) else None
+        if section is None:
+            raise ConfigError("bench_eval must be a mapping (tasks, tokenizer, interval_steps, ...)")
+        fields = {f.name for f in dataclasses.fields(BenchEvalConfig)}
+        bad = sorted(set(section) - fields)
+        if bad:
+            raise ConfigError(f"unknown keys in bench_eval: {bad}; known: {sorted(fields)}")
+        for key in ("tasks", "tokenizer"):
+            if section.get(key) and not os.path.isabs(section[key]):
+                section[key] = str((Path(base_dir) / section[key]).resolve())
+        try:
+            kwargs["bench_eval"] = BenchEvalConfig(**section)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"bench_eval: {exc}") from None
     if "fault_nan_steps" in kwargs:
         kwargs["fault_nan_steps"] = tuple(kwargs["fault_nan_steps"] or ())
     try:

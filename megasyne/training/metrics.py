@@ -64,6 +64,8 @@ class MetricsLog:
                     self.tb.add_scalar(key, value, record["step"])
             for name, value in (record.get("source_loss") or {}).items():
                 self.tb.add_scalar(f"source_loss/{name}", value, record["step"])
+            for name, value in (record.get("bench") or {}).items():
+                self.tb.add_scalar(f"bench/{name}", value, record["step"])
             for name, value in (record.get("eval") or {}).items():
                 self.tb.add_scalar(f"eval/{name}", value, record["step"])
             decision = record.get("adaptive") or {}

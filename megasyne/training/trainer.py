@@ -118,6 +118,18 @@ def train(cfg: TrainConfig) -> dict:
     ddp = wrap_ddp(chunks, dims)
     optimizer = build_optimizer(ddp, dims, cfg.optim)
     log = M.MetricsLog(run_dir, is_writer=rank == 0, tensorboard=cfg.tensorboard)
+    bench = None
+    if cfg.bench_eval is not None:
+        if dims.pp > 1:
+            raise ConfigError("bench_eval scores with the whole model on each rank: it needs "
+                              f"parallel.pp=1 (this run has pp={dims.pp}); evaluate exported "
+                              "checkpoints with tools/evaluate.py instead")
+        from megasyne.training.bench_eval import BenchEval
+
+        try:
+            bench = BenchEval(cfg.bench_eval, model_cfg.vocab_size)
+        except Exception as exc:  # bad task file, missing benchmark file, bad tokenizer
+            raise ConfigError(f"bench_eval: {exc}") from None
 
     step = 0
     resume = ckpt.find_latest(run_dir / "checkpoints")
@@ -186,9 +198,14 @@ def train(cfg: TrainConfig) -> dict:
         return lr_at(at, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                      total_steps=run_steps, schedule=cfg.schedule), name
 
-    if adaptive is not None and step == 0 and resume is None:
-        baseline = evaluate(ddp, eval_set, cfg, dims, seq_length)
-        log.write({"step": 0, "eval": baseline, "adaptive": adaptive.decide(0, baseline)})
+    if resume is None and (adaptive is not None or bench is not None):
+        start = {"step": 0}  # before the first update: the starting point of the curves
+        if bench is not None:
+            start["bench"] = bench.run(ddp)
+        if adaptive is not None:
+            start["eval"] = evaluate(ddp, eval_set, cfg, dims, seq_length)
+            start["adaptive"] = adaptive.decide(0, start["eval"])
+        log.write(start)
 
     while step < total_steps:
         lr, stage = lr_for(step)
@@ -241,6 +258,10 @@ def train(cfg: TrainConfig) -> dict:
             _print0(f"adaptive mixture at step {step}: " + ", ".join(
                 f"{t}={r:.3f}" for t, r in zip(record["adaptive"]["topics"],
                                                record["adaptive"]["new_ratios"])))
+        if bench is not None and bench.due(step):
+            record["bench"] = bench.run(ddp)
+            _print0(f"benchmarks at step {step}: " + ", ".join(
+                f"{k}={v:.3f}" for k, v in record["bench"].items()))
         log.write(record)
         if step % cfg.log_interval == 0 or step == total_steps:
             _print0(M.console_line(record))

@@ -211,17 +211,35 @@ def test_training_starts_from_a_converted_hugging_face_checkpoint(setup):
         rope_theta=20000.0)).eval()
     hf.save_pretrained(setup / "hf_init")
     hf_to_megasyne(setup / "hf_init", setup / "ms_init", progress=False)
+    # benchmark accuracy inside training, on 3 MMLU-format fixture questions
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(setup / "tokenizer.json"), bos_token="<|begin_of_text|>",
+        eos_token="<|end_of_text|>").save_pretrained(setup / "hf_init")
+    (setup / "bench.yaml").write_text(yaml.safe_dump(dict(
+        data_root=str(REPO_ROOT / "examples" / "eval" / "fixture"),
+        tasks=[dict(name="mmlu", format="mmlu", path="mmlu", num_fewshot=1, max_items=3)])))
+    bench = dict(tasks=str(setup / "bench.yaml"), tokenizer=str(setup / "hf_init"),
+                 interval_steps=1, max_items=3, max_length=SEQ, batch_size=4)
     proc = launch(setup, "from_hf", "model=init_checkpoint", f"init_checkpoint={setup / 'ms_init'}",
-                  "train_steps=1")
+                  "train_steps=1", f"bench_eval={json.dumps(bench)}")
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "initial weights from" in proc.stdout
-    loss = records(setup, "from_hf")[0]["loss"]
+    recs = records(setup, "from_hf")
+    assert [r["step"] for r in recs] == [0, 1] and set(recs[1]["bench"]) == {"mmlu"}
+    loss = recs[1]["loss"]
     tokens = torch.from_numpy(np.stack([MixtureDataset(setup / "from_hf" / "index")[i]["tokens"]
                                         for i in range(G)]))
     with torch.no_grad():
         logits = hf(input_ids=tokens[:, :-1]).logits
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), tokens[:, 1:].reshape(-1))
     assert loss == pytest.approx(ref.item(), abs=1e-5)
+    # Step 0 (the converted weights): the same accuracy as the HF original, offline.
+    from megasyne.eval.backends import hf_score_fn
+    from megasyne.eval.in_training import InTrainingEval
+
+    offline = InTrainingEval(tasks=str(setup / "bench.yaml"), tokenizer_path=setup / "hf_init",
+                             max_items=3, max_length=SEQ, batch_size=4)
+    assert recs[0]["bench"] == offline.run(hf_score_fn(hf))
     # the architecture really came from the checkpoint (rope_theta 20000 is in no preset)
     saved = yaml.safe_load((setup / "from_hf" / "config.yaml").read_text())
     assert saved["model"] == "init_checkpoint"
