@@ -45,15 +45,7 @@ def train_tokenizer() -> Path:
     path = DATA / "tokenizer" / "tokenizer.json"
     if path.exists():
         return path
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|begin_of_text|>",
-                                                                     "<|end_of_text|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    from megasyne.data.tokenizers import train_byte_level_bpe
 
     def texts():
         for name in SOURCES:
@@ -61,11 +53,7 @@ def train_tokenizer() -> Path:
                 for line in f:
                     yield json.loads(line)["text"]
 
-    tok.train_from_iterator(texts(), trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    train_byte_level_bpe(texts(), VOCAB, path)
     return path
 
 

@@ -336,3 +336,26 @@ MEGATRON_TOKENIZER_TYPES = {
 __all__ = ["KINDS", "LLAMA3_PATTERN", "LLAMA3_SPECIAL_TOKENS", "MEGATRON_TOKENIZER_TYPES",
            "Tokenizer", "TokenizerError", "detect_kind", "load_tokenizer", "parse_spec",
            "read_tiktoken_ranks"]
+
+
+def train_byte_level_bpe(texts, vocab_size: int, out_path: str | os.PathLike) -> str:
+    """Train a byte-level BPE (Llama-3's tokenizer family) with ``<|begin_of_text|>`` and
+    ``<|end_of_text|>`` as specials, and write its ``tokenizer.json`` atomically.
+
+    For toy corpora (the bundled tiny job, tests); real runs use the model's own tokenizer.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    out_path = os.fspath(out_path)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    tok.save(tmp)
+    os.replace(tmp, out_path)
+    return out_path

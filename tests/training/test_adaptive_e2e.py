@@ -28,9 +28,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from megasyne.data.preprocess import PreprocessConfig, run_preprocess
+    from megasyne.data.tokenizers import train_byte_level_bpe
 
     root = tmp_path_factory.mktemp("adaptive")
     train, held = [], []
@@ -38,13 +37,7 @@ def setup(tmp_path_factory):
         docs = [json.loads(l) for l in (CORPUS / f"{name}.jsonl").open(encoding="utf-8")][:48]
         for j, d in enumerate(docs):
             (held if j % 6 == 5 else train).append(dict(text=d["text"], topic=topic))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator((d["text"] for d in train), trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.save(str(root / "tokenizer.json"))
+    train_byte_level_bpe((d["text"] for d in train), 512, root / "tokenizer.json")
     for part, docs in (("train", train), ("held", held)):
         (root / f"{part}.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n"
                                                     for d in docs), encoding="utf-8")

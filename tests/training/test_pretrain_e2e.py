@@ -38,20 +38,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from megasyne.data.preprocess import PreprocessConfig, run_preprocess
+    from megasyne.data.tokenizers import train_byte_level_bpe
 
     root = tmp_path_factory.mktemp("e2e")
     docs = {s: [json.loads(l) for l in (CORPUS / f"{s}.jsonl").open(encoding="utf-8")][:60]
             for s in SOURCES}
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator((d["text"] for s in SOURCES for d in docs[s]), trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    tok.save(str(root / "tokenizer.json"))
+    train_byte_level_bpe((d["text"] for s in SOURCES for d in docs[s]), 512, root / "tokenizer.json")
     for s in SOURCES:
         raw = root / f"{s}.jsonl"
         raw.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[s]),
