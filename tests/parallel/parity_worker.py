@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megasyne.checkpoint.sharding import gather_full_state, load_full_state
-from megasyne.model.builder import build_model
+from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.model.presets import tiny_debug
 from megasyne.parallel.dims import ParallelDims
 from megasyne.parallel.init import init_parallel
@@ -27,7 +27,7 @@ from megasyne.training.step import train_step
 
 SEQ, GLOBAL_BATCH, STEPS, VOCAB = 16, 4, 3, 1000
 
-# layout -> (ParallelDims kwargs, micro_batch_size)
+# layout -> (ParallelDims kwargs, micro_batch_size[, ModelRuntime kwargs])
 LAYOUTS = {
     "ref": (dict(), 1),
     "tp2": (dict(tp=2), 1),
@@ -37,6 +37,9 @@ LAYOUTS = {
     "pp2_vp2": (dict(pp=2, virtual_pp=2), 1),
     "dp2": (dict(), 1),
     "dp2_distopt": (dict(distributed_optimizer=True), 1),
+    # activation recomputation (third element: ModelRuntime overrides)
+    "tp2_recompute_full": (dict(tp=2), 1, dict(recompute="full")),
+    "pp2_recompute_selective": (dict(pp=2), 1, dict(recompute="selective")),
 }
 
 
@@ -62,11 +65,12 @@ def micro_batches(tokens: torch.Tensor, dp_rank: int, dp: int, mbs: int) -> list
 def run_layout(out_dir: str, layout: str) -> None:
     from megatron.core import parallel_state as ps
 
-    kwargs, mbs = LAYOUTS[layout]
+    kwargs, mbs, *runtime = LAYOUTS[layout]
+    runtime = ModelRuntime(**runtime[0]) if runtime else ModelRuntime()
     dims = ParallelDims(world_size=int(os.environ.get("WORLD_SIZE", 1)), **kwargs)
     init_parallel(dims, seed=0)
     cfg = tiny_debug()
-    chunks = build_model(cfg, dims)
+    chunks = build_model(cfg, dims, runtime)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), dims.tp
     if layout == "ref":
         full = {}

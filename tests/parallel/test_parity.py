@@ -10,7 +10,8 @@ import torch
 from tests.launch import run_torchrun
 
 WORKER = "tests/parallel/parity_worker.py"
-LAYOUTS = ["tp2", "tp2_sp", "pp2_m2", "pp2_m4", "pp2_vp2", "dp2", "dp2_distopt"]
+LAYOUTS = ["tp2", "tp2_sp", "pp2_m2", "pp2_m4", "pp2_vp2", "dp2", "dp2_distopt",
+           "tp2_recompute_full", "pp2_recompute_selective"]
 
 
 @pytest.fixture(scope="module")
