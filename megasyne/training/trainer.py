@@ -186,8 +186,7 @@ def train(cfg: TrainConfig) -> dict:
     run_steps = cfg.train_steps or len(dataset) // cfg.global_batch_size  # the whole recipe
 
     def lr_for(at: int) -> tuple[float, str]:
-        name = next(n for n, (a, b) in stage_ranges.items() if a <= at < b) \
-            if any(a <= at < b for a, b in stage_ranges.values()) else dataset.stage_names[-1]
+        name = dataset.stage_names[dataset.stage_of(at * cfg.global_batch_size)]
         st = cfg.stage_settings.get(name)
         if st is not None:
             a, b = stage_ranges[name]
