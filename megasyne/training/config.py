@@ -135,6 +135,10 @@ class TrainConfig:
             raise ConfigError(f"recipe: file not found: {self.recipe}")
         if self.eval_recipe and not Path(self.eval_recipe).is_file():
             raise ConfigError(f"eval_recipe: file not found: {self.eval_recipe}")
+        if self.bench_eval is not None and self.parallel.pp > 1:
+            raise ConfigError("bench_eval scores with the whole model on each rank: it needs "
+                              f"parallel.pp=1 (this run has pp={self.parallel.pp}); evaluate "
+                              "exported checkpoints with tools/evaluate.py instead")
         if self.adaptive is not None and not self.eval_recipe:
             raise ConfigError("adaptive needs eval_recipe: the topics' validation perplexity "
                               "drives the mixture")

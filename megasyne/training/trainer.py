@@ -89,7 +89,7 @@ def train(cfg: TrainConfig) -> dict:
                          f"max_position_embeddings {model_cfg.max_position_embeddings}")
     total_steps = cfg.train_steps or len(dataset) // cfg.global_batch_size
     if total_steps * cfg.global_batch_size > len(dataset):
-        raise ValueError(f"train_steps {total_steps} x global_batch_size {cfg.global_batch_size} "
+        raise ConfigError(f"train_steps {total_steps} x global_batch_size {cfg.global_batch_size} "
                          f"needs {total_steps * cfg.global_batch_size} samples but the recipe "
                          f"{cfg.recipe} provides {len(dataset)}")
     sources = list(dataset.source_names)
@@ -120,10 +120,6 @@ def train(cfg: TrainConfig) -> dict:
     log = M.MetricsLog(run_dir, is_writer=rank == 0, tensorboard=cfg.tensorboard)
     bench = None
     if cfg.bench_eval is not None:
-        if dims.pp > 1:
-            raise ConfigError("bench_eval scores with the whole model on each rank: it needs "
-                              f"parallel.pp=1 (this run has pp={dims.pp}); evaluate exported "
-                              "checkpoints with tools/evaluate.py instead")
         from megasyne.training.bench_eval import BenchEval
 
         try:
