@@ -51,6 +51,10 @@ class StageSettings:
     """Shape of the stage's schedule, over the stage's own steps."""
 
     def __post_init__(self):
+        for key in ("lr", "min_lr"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key} must be a number, got {value!r}")
         if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} "
                              f"min_lr={self.min_lr}")
@@ -199,7 +203,7 @@ def _parse_value(text: str):
             return cast(text)
         except ValueError:
             pass
-    return yaml.safe_load(text)
+    return yaml.load(text, Loader=_NumberAwareLoader)  # {lr: 1e-5} inside a mapping too
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -39,6 +39,17 @@ def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
     (["schedule.kind=step"], "schedule.kind must be"),
     (["eval_interval=5"], "eval_interval is set but eval_recipe is not"),
     (["model_overrides.num_query_groups=3"], "not divisible by num_query_groups"),
+    (["stage_settings={s2: {peak: 1}}"], "unknown keys in stage_settings.s2: \\['peak'\\]"),
+    (["stage_settings={s2: {lr: 1e-3, min_lr: 1}}"], "stage_settings.s2: need lr > 0"),
+    (["adaptive={topics: [a, b], interval_steps: 5}"], "adaptive needs eval_recipe"),
+    (["adaptive={topics: [a], interval_steps: 5, beta: 1}"], "unknown keys in adaptive: \\['beta'\\]"),
+    (["eval_recipe=recipe.yaml", "adaptive={topics: [a, b], interval_steps: 0}"],
+     "adaptive.interval_steps must be >= 1"),
+    (["model=init_checkpoint"], "model: init_checkpoint needs init_checkpoint"),
+    (["bench_eval={tasks: nowhere.yaml, tokenizer: ., interval_steps: 5}"],
+     "bench_eval: tasks: not found"),
+    (["parallel.pp=2", "bench_eval={tasks: recipe.yaml, tokenizer: ., interval_steps: 5}"],
+     "bench_eval .* needs parallel.pp=1"),
 ])
 def test_bad_values_fail_with_the_key(config_file, overrides, message):
     with pytest.raises(ConfigError, match=message):
