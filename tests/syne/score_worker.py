@@ -1,0 +1,29 @@
+"""torchrun worker for test_score_ppl.py (2 ranks, gloo).
+
+Usage: score_worker.py CHECKPOINT PREFIX NAME:TP:PP:BLOCK [...]
+Scores PREFIX with the megasyne CHECKPOINT once per spec, at TP x PP (DP = 2 / (TP x PP)), into
+the metadata field ``ppl_<NAME>``, with the library entry point the tool uses (window 48, stride
+32, 5 windows per batch, micro-batches of 2).
+"""
+
+import sys
+
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
+
+from megasyne.syne.ppl import ScoreConfig, run_score
+from megasyne.syne.scorers import MegatronScorer
+
+
+def main(checkpoint: str, prefix: str, specs: list[str]) -> None:
+    scorer = None
+    for spec in specs:
+        name, tp, pp, block = spec.split(":")
+        scorer = MegatronScorer(checkpoint, tp=int(tp), pp=int(pp), micro_batch_size=2)
+        run_score(ScoreConfig(prefix=prefix, field=f"ppl_{name}", window=48, stride=32,
+                              batch_size=5, block_size=int(block), progress=False), scorer)
+    if scorer is not None:
+        scorer.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])

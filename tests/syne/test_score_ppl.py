@@ -1,0 +1,177 @@
+"""tools/score_ppl.py: per-document perplexity through a megasyne checkpoint equals transformers'.
+
+One tiny random Llama (4 layers, GQA 4 heads / 2 groups, vocabulary 300: padded to 384 at TP1 and
+512 at TP2, so the padding columns must be kept out of the softmax), its output layer scaled up
+so perplexities differ a lot between documents. 23 documents of 1..129 random tokens (one of a
+single token: nothing to score), windows of 48 tokens every 32 (documents up to 4 windows).
+
+The model is converted in the test process (the streaming single-process path). Launches: one
+2-rank torchrun job scores at TP2, PP2 (3 micro-batches through the pipeline schedule) and DP2
+(blocks dealt to two replicas); two plain runs of the tool: one SIGKILLed after 2 of its 4
+blocks, one that resumes it. The reference is transformers' own strided-window recipe, computed
+in the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from megasyne.checkpoint.hf_convert import hf_to_megasyne
+from megasyne.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
+from megasyne.data.metadata import list_metadata_fields, read_metadata_field
+from megasyne.syne.blocks import BlockStateError, BlockStore
+from megasyne.syne.ppl import ScoreConfig, document_tokens, plan_windows, reference_perplexity
+from tests.launch import REPO_ROOT, run_torchrun
+
+WINDOW, STRIDE = 48, 32
+REL_TOL = 1e-3  # the brief's bound; fp32 on both sides measures ~1e-6
+LAYOUTS = ["tp2:2:1:7", "pp2:1:2:7", "dp2:1:1:3"]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def _tool(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "tools/score_ppl.py", *map(str, args)], cwd=REPO_ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    import transformers
+
+    root = tmp_path_factory.mktemp("score_ppl")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_theta=10000.0, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # peaked predictions: ppl from ~10 to ~1e3 per document
+    model.save_pretrained(root / "hf")
+    rng = np.random.default_rng(1)
+    lengths = [1, *rng.integers(2, 130, 22)]
+    with IndexedDatasetWriter(root / "docs", np.uint16) as w:
+        for n in lengths:
+            w.add_document(rng.integers(0, 300, int(n)))
+    prefix = str(root / "docs")
+    ds = IndexedDataset(prefix)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(root / "hf", dtype=torch.float32).eval()
+    ref = np.array([reference_perplexity(hf, document_tokens(ds, d), WINDOW, STRIDE)
+                    for d in range(ds.num_documents)])
+    env = dict(os.environ)
+    try:  # the conversion opens (and closes) a 1-rank gloo group; keep its env out of later runs
+        hf_to_megasyne(root / "hf", root / "ms", progress=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    run_torchrun(REPO_ROOT / "tests/syne/score_worker.py", 2, root / "ms", prefix, *LAYOUTS,
+                 timeout=600)
+    return dict(root=root, prefix=prefix, ref=ref, ms=root / "ms", hf_model=hf)
+
+
+def _check(got: np.ndarray, ref: np.ndarray) -> float:
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.isinf(got[0]) and np.isinf(ref[0])  # the 1-token document: nothing to score
+    rel = np.abs(got[1:].astype(np.float64) / ref[1:] - 1)
+    assert rel.max() < REL_TOL, f"max relative difference {rel.max():.3g} at document {rel.argmax() + 1}"
+    return float(rel.max())
+
+
+def test_reference_is_not_trivial(work):
+    ref = work["ref"][1:]
+    assert ref.max() / ref.min() > 3, ref  # documents really differ, a mix-up would show
+
+
+def test_windows_follow_transformers_recipe():
+    assert plan_windows(10, 4, 4) == [(0, 4, 1), (4, 8, 5), (8, 10, 9)]
+    assert plan_windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    assert plan_windows(1, 4, 2) == [] and plan_windows(5, 8, 8) == [(0, 5, 1)]
+    for n in range(2, 40):  # stride < window: every token 1..n-1 scored exactly once
+        scored = [t for _, end, first in plan_windows(n, 7, 5) for t in range(first, end)]
+        assert scored == list(range(1, n))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [s.split(":")[0] for s in LAYOUTS])
+def test_two_ranks_match_transformers(work, layout):
+    _check(read_metadata_field(work["prefix"], f"ppl_{layout}"), work["ref"])
+
+
+def test_killed_run_resumes_and_matches_transformers(work):
+    prefix, ms = work["prefix"], work["ms"]
+    args = ["--data-prefix", prefix, "--checkpoint", ms, "--window", WINDOW, "--stride", STRIDE,
+            "--batch-size", 5, "--block-size", 7, "--no-progress"]
+    killed = _tool(*args, "--debug-kill-after-blocks", 2, check=False)
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no clean-up ran
+    state = f"{prefix}.meta/.ppl.partial"
+    assert sorted(os.listdir(state)) == ["block_00000000.npz", "block_00000001.npz", "run.json"]
+    assert "ppl" not in list_metadata_fields(prefix)  # nothing published by the dead run
+    report = json.loads(_tool(*args).stdout.strip().splitlines()[-1])
+    assert (report["blocks"], report["blocks_resumed"], report["blocks_scored_by_rank0"]) == (4, 2, 2)
+    assert not os.path.exists(state)
+    _check(read_metadata_field(prefix, "ppl"), work["ref"])
+    assert report["no_scored_token"] == 1
+    with open(f"{prefix}.ppl.report.json") as f:
+        assert json.load(f)["tokens_scored"] == report["tokens_scored"]
+
+
+def test_hf_backend_matches_the_reference(work):
+    from megasyne.syne.ppl import run_score
+    from megasyne.syne.scorers import HFScorer
+
+    scorer = HFScorer(work["root"] / "hf")
+    report = run_score(ScoreConfig(prefix=work["prefix"], field="ppl_hf", window=WINDOW,
+                                   stride=STRIDE, batch_size=4, block_size=10, progress=False),
+                       scorer)
+    assert report["model"]["kind"] == "hf"
+    _check(read_metadata_field(work["prefix"], "ppl_hf"), work["ref"])
+
+
+def test_prepend_id_scores_the_first_token(work):
+    """With a BOS in front, a document's first token is predicted too (n scored tokens, not n-1)."""
+    from megasyne.syne.ppl import run_score
+    from megasyne.syne.scorers import HFScorer
+
+    scorer = HFScorer(work["root"] / "hf")
+    report = run_score(ScoreConfig(prefix=work["prefix"], field="ppl_bos", window=WINDOW,
+                                   stride=STRIDE, batch_size=8, block_size=100, prepend_id=299,
+                                   progress=False), scorer)
+    ds = IndexedDataset(work["prefix"])
+    assert report["tokens_scored"] == ds.num_tokens and report["no_scored_token"] == 0
+    got = read_metadata_field(work["prefix"], "ppl_bos")
+    ref = reference_perplexity(work["hf_model"], np.concatenate([[299], document_tokens(ds, 5)]),
+                               WINDOW, STRIDE)
+    assert got[5] == pytest.approx(ref, rel=1e-5)
+
+
+def test_state_of_another_configuration_is_refused(tmp_path):
+    BlockStore(tmp_path / "s", config={"window": 48, "model": "a"}, num_items=10, block_size=3)
+    with pytest.raises(BlockStateError, match=r"window.*--restart"):
+        BlockStore(tmp_path / "s", config={"window": 40, "model": "a"}, num_items=10, block_size=3)
+    store = BlockStore(tmp_path / "s", config={"window": 40, "model": "a"}, num_items=10,
+                       block_size=3, restart=True)
+    assert store.num_blocks == 4 and store.pending(1, 2) == [1, 3]
+    with pytest.raises(BlockStateError, match="shape"):
+        store.save(3, nll_sum=np.zeros(3))  # the last block holds 1 item
+
+
+def test_bad_options_fail_clearly(work):
+    proc = _tool("--data-prefix", work["prefix"], "--hf-dir", work["root"] / "hf", "--tp", "2",
+                 check=False)
+    assert proc.returncode == 1 and "--tp/--pp need a megasyne --checkpoint" in proc.stderr
+    with pytest.raises(ValueError, match="--stride"):
+        ScoreConfig(prefix="x", window=8, stride=9)
