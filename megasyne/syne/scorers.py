@@ -104,10 +104,32 @@ class MegatronScorer:
         load_checkpoint(self.checkpoint, self.chunks, model_config=self.cfg.to_dict())
         for c in self.chunks:
             c.eval()
-        self.device = next(self.chunks[0].parameters()).device
-        self.micro_batch_size = micro_batch_size
-        self.vocab_size = self.cfg.vocab_size
+        self._attach(self.chunks, tp=tp, micro_batch_size=micro_batch_size,
+                     vocab_size=self.cfg.vocab_size)
         self.dtype = str(dtype).replace("torch.", "")
+
+    @classmethod
+    def from_model(cls, chunks: list, *, vocab_size: int, micro_batch_size: int = 1) -> "MegatronScorer":
+        """Score with a model already built and placed (e.g. the trainer's, at any TP x PP
+        without virtual stages); ``nll`` puts it in eval mode and restores its mode after."""
+        from megatron.core import parallel_state as ps
+
+        if len(chunks) != 1:
+            raise ValueError("MegatronScorer.from_model: interleaved (virtual) pipeline stages "
+                             "are not supported")
+        self = cls.__new__(cls)
+        self.chunks, self.dims = chunks, None
+        self._attach(chunks, tp=ps.get_tensor_model_parallel_world_size(),
+                     micro_batch_size=micro_batch_size, vocab_size=vocab_size)
+        return self
+
+    def _attach(self, chunks: list, *, tp: int, micro_batch_size: int, vocab_size: int) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.device = next(chunks[0].parameters()).device
+        self.micro_batch_size = micro_batch_size
+        self.vocab_size = vocab_size
+        self.pp = ps.get_pipeline_model_parallel_world_size()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.tp_group = ps.get_tensor_model_parallel_group() if tp > 1 else None
@@ -141,16 +163,23 @@ class MegatronScorer:
             return model(mb["tokens"], pos, None), partial(self._loss_func, mb)
 
         iters = iter(mbs_list)
-        with torch.no_grad():
-            out = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iters, model=self.chunks,
-                num_microbatches=len(mbs_list), seq_length=s, micro_batch_size=mbs,
-                forward_only=True, collect_non_loss_data=True)
+        modes = [c.training for c in self.chunks]
+        for c in self.chunks:
+            c.eval()
+        try:
+            with torch.no_grad():
+                out = get_forward_backward_func()(
+                    forward_step_func=step, data_iterator=iters, model=self.chunks,
+                    num_microbatches=len(mbs_list), seq_length=s, micro_batch_size=mbs,
+                    forward_only=True, collect_non_loss_data=True)
+        finally:
+            for c, mode in zip(self.chunks, modes):
+                c.train(mode)
         sums = torch.zeros(2, rows, dtype=torch.float64)                  # [nll_sum; count]
         if self.last_stage:
             sums[0] = torch.from_numpy(np.concatenate([o[0] for o in out]))
             sums[1] = torch.from_numpy(np.concatenate([o[1] for o in out]).astype(np.float64))
-        if self.dims.pp > 1:  # on the model's device: NCCL broadcasts CUDA tensors only
+        if self.pp > 1:  # on the model's device: NCCL broadcasts CUDA tensors only
             sums = sums.to(self.device)
             dist.broadcast(sums, src=self.pp_last_global, group=self.pp_group)
             sums = sums.cpu()

@@ -57,7 +57,10 @@ class BenchEval:
         from megasyne.eval.in_training import accuracies_from_counts
         from megasyne.parallel.init import comm_device
 
-        score_fn = megatron_score_fn(unwrap(ddp_chunks[0]), self.vocab_size)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            score_fn = pipeline_score_fn(ddp_chunks, self.vocab_size)
+        else:
+            score_fn = megatron_score_fn(unwrap(ddp_chunks[0]), self.vocab_size)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         counts = self.evaluator.counts(score_fn, shard=(dp_rank, dp))
         names = sorted(counts)
@@ -68,3 +71,31 @@ class BenchEval:
         total = total.cpu().tolist()
         return accuracies_from_counts({n: (int(total[2 * i]), int(total[2 * i + 1]))
                                        for i, n in enumerate(names)})
+
+
+def pipeline_score_fn(ddp_chunks: list, vocab_size: int):
+    """The in-training score_fn contract (megasyne.eval.in_training) at PP > 1: the pipeline
+    schedule's forward-only pass (megasyne.syne.scorers.MegatronScorer, the one score_ppl uses),
+    summed log-probabilities of each continuation, the same on every rank of the replica."""
+    import numpy as np
+    from megatron.core import parallel_state as ps
+
+    from megasyne.syne.scorers import MegatronScorer
+
+    scorer = MegatronScorer.from_model(ddp_chunks, vocab_size=vocab_size)
+    tp = ps.get_tensor_model_parallel_world_size()
+
+    def score_fn(sequences, starts):
+        b = len(sequences)
+        s = -(-(max(map(len, sequences)) - 1) // tp) * tp   # sequence parallel: a multiple of TP
+        tokens = np.zeros((b, s), dtype=np.int64)
+        labels = np.zeros((b, s), dtype=np.int64)
+        mask = np.zeros((b, s), dtype=bool)
+        for i, (seq, start) in enumerate(zip(sequences, starts)):
+            n = len(seq) - 1
+            tokens[i, :n], labels[i, :n] = seq[:-1], seq[1:]
+            mask[i, start - 1:n] = True    # label j is token j + 1: continuation from `start`
+        nll, _ = scorer.nll(tokens, labels, mask)
+        return [-float(x) for x in nll]
+
+    return score_fn

@@ -119,7 +119,7 @@ class TrainConfig:
     """Adaptive topic mixture (megasyne.training.adaptive); needs eval_recipe."""
     bench_eval: "BenchEvalConfig | None" = None
     """Benchmark accuracy during training (megasyne.training.bench_eval): a fixed
-    multiple-choice subset scored every interval_steps; needs pipeline parallel size 1."""
+    multiple-choice subset scored every interval_steps (any TP/PP/DP, no virtual stages)."""
     fault_topic_ppl_growth: dict = field(default_factory=dict)
     """Testing hook: topic -> rate at which its measured validation perplexity is made to grow
     per adaptive interval (to exercise the adaptive mixture on a tiny model)."""
@@ -139,9 +139,9 @@ class TrainConfig:
             raise ConfigError(f"recipe: file not found: {self.recipe}")
         if self.eval_recipe and not Path(self.eval_recipe).is_file():
             raise ConfigError(f"eval_recipe: file not found: {self.eval_recipe}")
-        if self.bench_eval is not None and self.parallel.pp > 1:
-            raise ConfigError("bench_eval scores with the whole model on each rank: it needs "
-                              f"parallel.pp=1 (this run has pp={self.parallel.pp}); evaluate "
+        if self.bench_eval is not None and self.parallel.virtual_pp:
+            raise ConfigError("bench_eval does not support interleaved pipeline stages "
+                              f"(parallel.virtual_pp={self.parallel.virtual_pp}); evaluate "
                               "exported checkpoints with tools/evaluate.py instead")
         if self.adaptive is not None and not self.eval_recipe:
             raise ConfigError("adaptive needs eval_recipe: the topics' validation perplexity "

@@ -48,8 +48,9 @@ def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
     (["model=init_checkpoint"], "model: init_checkpoint needs init_checkpoint"),
     (["bench_eval={tasks: nowhere.yaml, tokenizer: ., interval_steps: 5}"],
      "bench_eval: tasks: not found"),
-    (["parallel.pp=2", "bench_eval={tasks: recipe.yaml, tokenizer: ., interval_steps: 5}"],
-     "bench_eval .* needs parallel.pp=1"),
+    (["parallel.pp=2", "parallel.virtual_pp=2",
+      "bench_eval={tasks: recipe.yaml, tokenizer: ., interval_steps: 5}"],
+     "bench_eval does not support interleaved pipeline stages"),
 ])
 def test_bad_values_fail_with_the_key(config_file, overrides, message):
     with pytest.raises(ConfigError, match=message):

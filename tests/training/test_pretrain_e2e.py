@@ -233,6 +233,14 @@ def test_training_starts_from_a_converted_hugging_face_checkpoint(setup):
     offline = InTrainingEval(tasks=str(setup / "bench.yaml"), tokenizer_path=setup / "hf_init",
                              max_items=3, max_length=SEQ, batch_size=4)
     assert recs[0]["bench"] == offline.run(hf_score_fn(hf))
+    # The same at PP2 (the pipeline schedule's forward-only pass scores the questions).
+    pp = launch(setup, "from_hf_pp2", "model=init_checkpoint",
+                f"init_checkpoint={setup / 'ms_init'}", "train_steps=1", "parallel.tp=1",
+                "parallel.pp=2", f"bench_eval={json.dumps(bench)}")
+    assert pp.returncode == 0, pp.stderr[-6000:]
+    pp_recs = records(setup, "from_hf_pp2")
+    assert pp_recs[0]["bench"] == recs[0]["bench"]
+    assert pp_recs[1]["loss"] == pytest.approx(ref.item(), abs=1e-5)
     # the architecture really came from the checkpoint (rope_theta 20000 is in no preset)
     saved = yaml.safe_load((setup / "from_hf" / "config.yaml").read_text())
     assert saved["model"] == "init_checkpoint"
