@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megasyne.atomic import atomic_write_text
 from megasyne.checkpoint.sharding import unwrap
 
 FORMAT = "megasyne-checkpoint/1"
@@ -63,12 +64,6 @@ def model_sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list, *,
                     model_config: dict, layout: dict, optimizer=None,
                     extra: dict | None = None, keep_last: int | None = None,
@@ -103,7 +98,7 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list, *,
         if final.exists():  # re-saving the same iteration replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _atomic_write_text(root / "latest", final.name + "\n")
+        atomic_write_text(root / "latest", final.name + "\n")
         if keep_last:
             _prune(root, keep_last)
     _barrier()

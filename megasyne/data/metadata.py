@@ -40,11 +40,11 @@ import os
 import re
 import socket
 import sys
-import uuid
 from contextlib import contextmanager
 
 import numpy as np
 
+from megasyne.atomic import atomic_write
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 
 FORMAT = "megasyne-meta/1"
@@ -83,22 +83,6 @@ def _read_manifest(prefix) -> dict:
         raise MetadataError(f"{path}: unknown sidecar format {manifest.get('format')!r}, "
                             f"expected {FORMAT!r}")
     return manifest
-
-
-def _atomic_write_bytes(path: str, write) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 @contextmanager
@@ -187,12 +171,12 @@ def write_metadata_field(prefix: str | os.PathLike, name: str, values, descripti
     if categories is not None:
         entry["categories"] = list(categories)
     with _locked(prefix):
-        _atomic_write_bytes(path, lambda f: np.save(f, arr, allow_pickle=False))
+        atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
         manifest = _read_manifest(prefix)
         manifest.update(num_documents=n, idx_fingerprint=fingerprint)
         manifest.setdefault("fields", {})[name] = entry
         manifest_path = os.path.join(meta_dir(prefix), MANIFEST)
-        _atomic_write_bytes(manifest_path, lambda f: f.write(
+        atomic_write(manifest_path, lambda f: f.write(
             (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()))
     return path
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megasyne.atomic import atomic_write
 from megasyne.data.dataset import MixtureDataset
 from megasyne.data.mixture import blend_interval
 
@@ -129,11 +130,7 @@ class MixtureOverlay:
 
     def save(self, arrays: dict) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path(int(arrays["first"]))
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(self.path(int(arrays["first"])), lambda f: np.savez(f, **arrays))
 
     def load_through(self, sample: int) -> int:
         """Apply the stored intervals that start at or before ``sample`` (the last one decided

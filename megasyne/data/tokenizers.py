@@ -353,9 +353,7 @@ def train_byte_level_bpe(texts, vocab_size: int, out_path: str | os.PathLike) ->
     tok.train_from_iterator(texts, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    out_path = os.fspath(out_path)
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, out_path)
-    return out_path
+    from megasyne.atomic import atomic_write_text
+
+    os.makedirs(os.path.dirname(os.fspath(out_path)) or ".", exist_ok=True)
+    return os.fspath(atomic_write_text(out_path, tok.to_str()))

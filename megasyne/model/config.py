@@ -7,7 +7,7 @@ Megatron-Core ``GPTModel``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 class ModelConfigError(ValueError):

@@ -159,23 +159,6 @@ def _cpu_tensors_report_cuda_type():
         torch.Tensor.type = original
 
 
-def _report_cuda_type_during(owner, attr):
-    """Wrap ``owner.attr`` (function, method, staticmethod or classmethod) in the context above."""
-    raw = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
-    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
-    fn = raw.__func__ if kind else raw
-    if getattr(fn, "_megasyne_shim", False):
-        return
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with _cpu_tensors_report_cuda_type():
-            return fn(*args, **kwargs)
-
-    wrapped._megasyne_shim = True
-    setattr(owner, attr, kind(wrapped) if kind else wrapped)
-
-
 @contextlib.contextmanager
 def _tensor_cuda_is_identity():
     """While active, ``Tensor.cuda()`` returns the CPU tensor itself."""
@@ -188,8 +171,11 @@ def _tensor_cuda_is_identity():
 
 
 def _wrap_in(owner, attr, context):
-    """Run ``owner.attr`` (a plain method) inside ``context()``; idempotent."""
-    fn = owner.__dict__[attr]
+    """Run ``owner.attr`` (function, method, staticmethod or classmethod) inside ``context()``;
+    idempotent."""
+    raw = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+    fn = raw.__func__ if kind else raw
     if getattr(fn, "_megasyne_shim", False):
         return
 
@@ -199,7 +185,7 @@ def _wrap_in(owner, attr, context):
             return fn(*args, **kwargs)
 
     wrapped._megasyne_shim = True
-    setattr(owner, attr, wrapped)
+    setattr(owner, attr, kind(wrapped) if kind else wrapped)
 
 
 def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
@@ -251,10 +237,11 @@ def install() -> bool:
     # Only while those functions run, Tensor.type() reports CPU tensors with CUDA names.
     from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
-    _report_cuda_type_during(clip_grads, "clip_grad_by_total_norm_fp32")
-    _report_cuda_type_during(optimizer.Float16OptimizerWithFloat16Params, "__init__")
-    _report_cuda_type_during(distrib_optimizer.DistributedOptimizer,
-                             "_build_model_and_main_param_groups")
+    cuda_names = _cpu_tensors_report_cuda_type
+    _wrap_in(clip_grads, "clip_grad_by_total_norm_fp32", cuda_names)
+    _wrap_in(optimizer.Float16OptimizerWithFloat16Params, "__init__", cuda_names)
+    _wrap_in(distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups",
+             cuda_names)
     # clip_grads binds the function by name in optimizer.py: rebind the patched one.
     optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
 

@@ -9,7 +9,7 @@ else (process groups, Megatron's TransformerConfig fields) is derived from it in
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class ParallelConfigError(ValueError):

@@ -20,10 +20,11 @@ import json
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
+
+from megasyne.atomic import atomic_write
 
 FORMAT = "megasyne-blocks/1"
 _BLOCK_RE = re.compile(r"^block_(\d{8})\.npz$")
@@ -31,19 +32,6 @@ _BLOCK_RE = re.compile(r"^block_(\d{8})\.npz$")
 
 class BlockStateError(RuntimeError):
     """The state directory belongs to another run, or a block file is damaged (names the file)."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 class BlockStore:
@@ -77,7 +65,7 @@ class BlockStore:
                     "discard its finished blocks")
         elif create:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, lambda f: f.write((json.dumps(run, indent=2, sort_keys=True)
+            atomic_write(path, lambda f: f.write((json.dumps(run, indent=2, sort_keys=True)
                                                    + "\n").encode()))
 
     def block_range(self, b: int) -> tuple[int, int]:
@@ -109,7 +97,7 @@ class BlockStore:
             if a.shape[:1] != (stop - start,):
                 raise BlockStateError(f"block {b}: array {name!r} has shape {a.shape}, "
                                       f"expected ({stop - start}, ...)")
-        _atomic_write(self.path(b), lambda f: np.savez(f, **arrays))
+        atomic_write(self.path(b), lambda f: np.savez(f, **arrays))
 
     def load(self, b: int) -> dict[str, np.ndarray]:
         path = self.path(b)

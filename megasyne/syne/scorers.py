@@ -77,8 +77,6 @@ class MegatronScorer:
     def __init__(self, checkpoint: str | os.PathLike, *, tp: int = 1, pp: int = 1,
                  dtype: torch.dtype = torch.float32, micro_batch_size: int = 1,
                  attention: str | None = None) -> None:
-        from megatron.core import parallel_state as ps
-
         from megasyne.checkpoint.dist import load_checkpoint, read_manifest, resolve
         from megasyne.model.builder import ModelRuntime, build_model
         from megasyne.model.config import LlamaConfig

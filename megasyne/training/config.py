@@ -11,14 +11,20 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
+from megasyne.atomic import atomic_write_text
 from megasyne.model.config import LlamaConfig
 from megasyne.model.presets import get_preset
 from megasyne.training.optim import OptimConfig
 from megasyne.training.schedule import ScheduleConfig
 
+
+if TYPE_CHECKING:  # imported lazily at parse time (they pull in the eval / syne packages)
+    from megasyne.training.adaptive import AdaptiveTrainConfig
+    from megasyne.training.bench_eval import BenchEvalConfig
 
 class ConfigError(ValueError):
     """A run configuration that cannot work; names the key."""
@@ -318,6 +324,4 @@ def dump_config(cfg: TrainConfig, path: Path) -> None:
     data["fault_nan_steps"] = list(data["fault_nan_steps"])
     if data.get("adaptive"):
         data["adaptive"]["topics"] = list(data["adaptive"]["topics"])
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

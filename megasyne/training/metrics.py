@@ -8,10 +8,11 @@ recomputation not counted). On CPU there is no meaningful peak: MFU is null.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
+
+from megasyne.atomic import atomic_write_text
 
 # Dense bf16 peak per card (vendor datasheets; SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12}
@@ -48,9 +49,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(l + "\n" for l in kept))
 
     def write(self, record: dict) -> None:
         if not self.is_writer:

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from megasyne.atomic import atomic_write
+
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The step records of a metrics.jsonl, in order (eval-only lines are kept too)."""
@@ -26,12 +28,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 
 def _save(fig, out: Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, out)
-    return out
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_losses(records: list[dict], out: str | os.PathLike, title: str = "") -> Path:

@@ -5,7 +5,6 @@ OUT_DIR/ms come from the test. Rank 0 writes OUT_DIR/scores_<LAYOUT>.json: {"our
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 

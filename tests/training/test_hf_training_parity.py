@@ -11,25 +11,14 @@ import json
 
 import pytest
 
-from tests.checkpoint.hf_models import make_hf_model
 from tests.launch import run_torchrun
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    from megasyne.checkpoint.hf_convert import hf_to_megasyne
-
-    out = tmp_path_factory.mktemp("hfparity")
-    make_hf_model("gqa", out / "hf")
-    hf_to_megasyne(out / "hf", out / "ms", progress=False)
-    return out
-
-
 @pytest.mark.parametrize("tp", [1, 2])
-def test_three_steps_match_transformers(converted, tp):
-    run_torchrun("tests/training/hf_parity_worker.py", tp, converted, tp, timeout=600)
-    r = json.loads((converted / f"losses_tp{tp}.json").read_text())
+def test_three_steps_match_transformers(converted_gqa, tp):
+    run_torchrun("tests/training/hf_parity_worker.py", tp, converted_gqa, tp, timeout=600)
+    r = json.loads((converted_gqa / f"losses_tp{tp}.json").read_text())
     assert r["megasyne"] == pytest.approx(r["hf"], abs=1e-5), r
     assert r["hf"][2] < r["hf"][0] - 0.01  # the steps do something

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megasyne.atomic import atomic_write_json, atomic_write_text
 from megasyne.syne.synth.filters import Contamination, NearDuplicates, parse_qa, validate
 from megasyne.syne.synth.templates import Disciplines
 
@@ -190,12 +191,6 @@ def _append(f, record: dict) -> None:
     os.fsync(f.fileno())
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[Seed],
               skipped: dict | None = None) -> dict:
     """Generate, filter and save; returns the report (see the module docstring)."""
@@ -223,14 +218,12 @@ def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[S
         raise SynthError(f"{run_path}: {out} was made with other settings (differs in {diff}); "
                          "use the same settings to resume, another --output, or --restart")
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(run_path, settings)
+    atomic_write_json(run_path, settings, indent=2, ensure_ascii=False)
 
     done = {r["key"]: r["outcome"] for r in _read_lines(state_path)}
     kept = [r for r in _read_lines(out) if done.get(r.get("key")) == "kept"]
     if len(kept) != len(_read_lines(out)):  # records of items whose state line never landed
-        tmp = out.with_name(out.name + f".tmp.{os.getpid()}")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-        os.replace(tmp, out)
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     dedup = NearDuplicates(threshold=cfg.dedup_threshold)
     for r in kept:
         dedup.add(r["key"], r["problem"] + "\n" + r["solution"])
@@ -295,7 +288,8 @@ def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[S
               "backend_error_examples": errors, "benchmarks": settings["benchmarks"],
               "contamination_items": contamination.items if contamination else 0,
               "seconds": round(time.time() - t0, 2)}
-    _atomic_json(out.with_name(out.name + ".report.json"), report)
+    atomic_write_json(out.with_name(out.name + ".report.json"), report, indent=2,
+                      ensure_ascii=False)
     return report
 
 
