@@ -21,10 +21,18 @@ Sequence parallelism needs nothing here: the input is just this rank's rows, so 
 rank's partial sum. Megatron all-reduces it over the TP group because the module wrapper
 (megasyne/model/norm.py) sets ``weight.sequence_parallel = True``.
 
+Launch configuration: a forward program normalises ROWS rows at once ([ROWS, BLOCK] tile, the
+weight loaded once per program instead of once per row); a backward program owns a chunk of
+rows. Which (ROWS, warps) and (programs per SM, warps) is fastest depends on the card and H,
+so on CUDA the first call per (H, dtype) times a few candidates and keeps the fastest
+(``_pick``; MEGASYNE_TUNE=0 keeps the first = the previously profiled default).
+
 Only torch and triton are imported, so the module is usable and testable alone.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -36,12 +44,48 @@ import triton.language as tl
 MAX_FUSED_BLOCK = 65536
 # Loop block of the looped variant.
 LOOP_BLOCK = 4096
-# Backward programs per SM: each owns a contiguous chunk of rows and one partial dw row.
-# Profiled on an H200 (16384 x 4096 bf16): 2/SM with 8 or 16 warps is best (~120 us, ~80% of
-# copy bandwidth); 1/SM or 32 warps is ~45% slower, 4-8/SM ~3% slower plus a larger dw sum.
-BWD_PROGRAMS_PER_SM = 2
-# Warps of a backward program; None = the forward's heuristic (benchmarks sweep both knobs).
-BWD_NUM_WARPS = None
+# Candidates, first = default (used on CPU, with MEGASYNE_TUNE=0, and before tuning).
+# Forward: (rows per program, warps). One row per program reloads the weight row from L2 for
+# every row (as much L2 traffic as x itself at H = 4096); 2-4 rows per program share it.
+FWD_CANDIDATES = [(1, None), (2, 8), (4, 8), (4, 16), (8, 16)]
+# Backward: (programs per SM, warps); each program owns a contiguous chunk of rows and one
+# partial dw row. Profiled on an H200 (16384 x 4096 bf16): 2/SM with 8 or 16 warps is best
+# (~120 us, ~80% of copy bandwidth); 1/SM or 32 warps ~45% slower, 4-8/SM ~3% slower.
+BWD_CANDIDATES = [(2, None), (2, 16), (4, 8), (1, 16)]
+# The largest [ROWS, BLOCK] tile a forward program may hold (fp32 values).
+MAX_FWD_TILE = 32768
+# Tests set a (name -> config) entry to force one candidate ("rmsnorm_fwd", "rmsnorm_bwd").
+FORCE: dict[str, tuple] = {}
+_CHOSEN: dict[tuple, tuple] = {}
+# ms per candidate for every tuned key, for benchmarks to report.
+TUNING_TIMINGS: dict[tuple, list] = {}
+
+
+def _pick(name: str, key: tuple, candidates: list, launch, device: torch.device) -> tuple:
+    """The launch configuration for (name, key). On CUDA the first call per key launches every
+    candidate (warm-up, then 5 timed launches on CUDA events) and keeps the fastest. Candidates
+    must be pure (same inputs, same outputs), as they all run on the caller's tensors.
+    Elsewhere, or with MEGASYNE_TUNE=0, the first candidate."""
+    if name in FORCE:
+        return FORCE[name]
+    if (name, key) in _CHOSEN:
+        return _CHOSEN[(name, key)]
+    if device.type != "cuda" or os.environ.get("MEGASYNE_TUNE", "1") == "0" or len(candidates) < 2:
+        return candidates[0]
+    timings = []
+    for cand in candidates:
+        launch(cand)  # compiles this variant
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            launch(cand)
+        end.record()
+        end.synchronize()
+        timings.append((cand, start.elapsed_time(end) / 5))
+    best = min(timings, key=lambda t: t[1])[0]
+    _CHOSEN[(name, key)] = best
+    TUNING_TIMINGS[(name, key)] = timings
+    return best
 
 
 def _settings(n_cols: int) -> tuple[int, bool, int]:
@@ -60,12 +104,11 @@ def _settings(n_cols: int) -> tuple[int, bool, int]:
     return block, single, num_warps
 
 
-def _num_bwd_programs(n_rows: int, device: torch.device) -> int:
+def _num_bwd_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
     """Programs of the backward: enough to fill the GPU, few enough that the [P, H] partial
     dw buffer and its final sum stay small next to the [R, H] tensors."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        target = BWD_PROGRAMS_PER_SM * sms
+        target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # interpreter: cost is per row anyway; a few programs exercise the chunking
         target = 4
     return max(1, min(n_rows, target))
@@ -84,30 +127,40 @@ def _rmsnorm_fwd_kernel(
     w_ptr,                    # [H]
     y_ptr, y_stride,          # [R, H] output
     rrms_ptr,                 # [R] fp32, saved for backward
-    n_cols, eps,
+    n_rows, n_cols, eps,
     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64: R * H may exceed 2^31 elements
-    x_row = x_ptr + row * x_stride
-    y_row = y_ptr + row * y_stride
-    res_row = res_ptr + row * res_stride
-    h_row = h_ptr + row * h_stride
     cols = tl.arange(0, BLOCK)
     if SINGLE_PASS:
-        mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0)
+        # A [ROWS, BLOCK] tile: ROWS rows of this program, the weight loaded once for all.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_rows
+        rows = rows.to(tl.int64)  # int64: R * H may exceed 2^31 elements
+        cmask = cols < n_cols
+        mask = rmask[:, None] & cmask[None, :]
+        offs = cols[None, :]
+        x = tl.load(x_ptr + rows[:, None] * x_stride + offs, mask=mask, other=0.0)
         if HAS_RES:
             # The residual stream is kept in the input dtype (as the unfused module does):
             # add in fp32, round once, store, and normalise the rounded value. (Explicit fp32:
             # the interpreter cannot do arithmetic on bf16, which it stores as uint16.)
-            r = tl.load(res_row + cols, mask=mask, other=0.0)
+            r = tl.load(res_ptr + rows[:, None] * res_stride + offs, mask=mask, other=0.0)
             x = (x.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
-            tl.store(h_row + cols, x, mask=mask)
+            tl.store(h_ptr + rows[:, None] * h_stride + offs, x, mask=mask)
         x = x.to(tl.float32)
-        rrms = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + cols, (x * rrms * w).to(y_ptr.dtype.element_ty), mask=mask)
+        rrms = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)            # [ROWS]
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)   # [BLOCK]
+        y = x * rrms[:, None] * w[None, :]
+        tl.store(y_ptr + rows[:, None] * y_stride + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rrms_ptr + rows, rrms, mask=rmask)
     else:
+        # Rows too wide for one tile (ROWS is 1): two passes over column blocks.
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * x_stride
+        y_row = y_ptr + row * y_stride
+        res_row = res_ptr + row * res_stride
+        h_row = h_ptr + row * h_stride
         # Pass 1: sum of squares over column blocks (and the residual sum, stored once).
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for off in range(0, n_cols, BLOCK):
@@ -131,7 +184,7 @@ def _rmsnorm_fwd_kernel(
                 x = tl.load(x_row + c, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
             tl.store(y_row + c, (x * rrms * w).to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(rrms_ptr + row, rrms)
+        tl.store(rrms_ptr + row, rrms)
 
 
 @triton.jit
@@ -248,12 +301,21 @@ def rmsnorm_forward(x, weight, eps, residual=None):
         res2 = h = x2  # placeholders, never touched (HAS_RES is a constexpr)
     block, single, num_warps = _settings(n_cols)
     w = weight if weight.is_contiguous() else weight.contiguous()
-    if n_rows > 0:
-        _rmsnorm_fwd_kernel[(n_rows,)](
+    has_res = residual is not None
+
+    def launch(cfg):
+        rows, warps = cfg if single else (1, None)
+        _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, rows),)](
             x2, x2.stride(0), res2, res2.stride(0), h, h.stride(0), w, y, y.stride(0), rrms,
-            n_cols, eps, HAS_RES=residual is not None, BLOCK=block, SINGLE_PASS=single,
-            num_warps=num_warps,
+            n_rows, n_cols, eps, HAS_RES=has_res, BLOCK=block, SINGLE_PASS=single, ROWS=rows,
+            num_warps=warps or num_warps,
         )
+
+    if n_rows > 0:
+        # Pure even with a residual: h = x + residual is rewritten, never read back here.
+        cands = [c for c in FWD_CANDIDATES if c[0] * block <= max(MAX_FWD_TILE, block)]
+        launch(_pick("rmsnorm_fwd", (n_cols, x.dtype, has_res), cands, launch, x.device)
+               if single else (1, None))
     h_out = h.view(shape) if residual is not None else None
     return y.view(shape), h_out, rrms
 
@@ -271,18 +333,30 @@ def rmsnorm_backward(dy, x, weight, rrms, dres=None):
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     dres2 = _rows(dres) if dres is not None else dx
     block, single, num_warps = _settings(n_cols)
-    n_prog = _num_bwd_programs(n_rows, x.device) if n_rows > 0 else 1
-    rows_per_program = triton.cdiv(max(n_rows, 1), n_prog)
-    n_prog = triton.cdiv(max(n_rows, 1), rows_per_program)  # no empty programs
-    dw_partial = torch.zeros((n_prog, n_cols), dtype=torch.float32, device=x.device)
     w = weight if weight.is_contiguous() else weight.contiguous()
-    if n_rows > 0:
+    partials = {}
+
+    def launch(cfg):
+        per_sm, warps = cfg
+        n_prog = _num_bwd_programs(n_rows, x.device, per_sm)
+        rows_per_program = triton.cdiv(n_rows, n_prog)
+        n_prog = triton.cdiv(n_rows, rows_per_program)  # no empty programs
+        # Each program stores its whole partial row (no accumulation into old values), so
+        # the buffer needs no zeroing and every candidate's launch is pure.
+        part = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x.device)
         _rmsnorm_bwd_kernel[(n_prog,)](
             dy2, dy2.stride(0), x2, x2.stride(0), w, rrms, dres2, dres2.stride(0),
-            dx, dx.stride(0), dw_partial, n_rows, n_cols, rows_per_program,
+            dx, dx.stride(0), part, n_rows, n_cols, rows_per_program,
             HAS_DRES=dres is not None, BLOCK=block, SINGLE_PASS=single,
-            num_warps=BWD_NUM_WARPS or num_warps,
+            num_warps=warps or num_warps,
         )
+        partials["dw"] = part
+
+    if n_rows == 0:
+        return dx.view(shape), torch.zeros_like(weight)
+    launch(_pick("rmsnorm_bwd", (n_cols, x.dtype, dres is not None), BWD_CANDIDATES, launch,
+                 x.device))
+    dw_partial = partials["dw"]
     # Stage 2 of the dw reduction: [P, H] -> [H], in fp32, then one rounding.
     dw = dw_partial.sum(0).to(weight.dtype)
     return dx.view(shape), dw

@@ -153,7 +153,6 @@ def run(args) -> int:
                 from megasyne.parallel.dims import ParallelDims
                 from megasyne.parallel.init import init_parallel
 
-                os.environ.setdefault("MASTER_PORT", str(_free_port()))
                 init_parallel(ParallelDims())
                 scorer = MegatronScorer(ckpt, transformers.AutoTokenizer.from_pretrained(tok),
                                         dtype=dtype, **kw)
@@ -165,12 +164,6 @@ def run(args) -> int:
     return 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import torch
@@ -147,16 +146,11 @@ def hf_to_megasyne(hf_dir, output, *, tp: int = 1, pp: int = 1, dtype: torch.dty
 
 
 def _init_single_process() -> bool:
-    """A 1-rank gloo group for Megatron (on a free port); True if we created it."""
+    """True if no process group exists yet (init_parallel then makes a 1-rank one with an
+    in-process store, and we destroy it at the end)."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        return False
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    return True
+    return not dist.is_initialized()
 
 
 def _convert_streaming(ckpt, cfg, dtype, output: Path, progress: bool) -> Path:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megasyne.model import accel
+from megasyne.model import accel, fusions
 from megasyne.model.config import LlamaConfig
 from megasyne.model.norm import RMSNorm
 from megasyne.parallel.dims import ParallelDims
@@ -24,7 +24,8 @@ class ModelRuntime:
     dtype: torch.dtype = torch.float32
     """Parameter / compute dtype: torch.float32 or torch.bfloat16 (fp32 master weights live in the optimizer)."""
     triton_kernels: bool | None = None
-    """Our Triton RMSNorm + cross-entropy; None = on with CUDA (MEGASYNE_KERNELS=0 turns off)."""
+    """Our Triton kernels (RMSNorm, cross-entropy, RoPE, SwiGLU); None = on with CUDA
+    (MEGASYNE_KERNELS=0 turns them off)."""
     recompute: str | None = None
     """Activation recomputation: None, "selective" (attention core) or "full" (whole layers)."""
     use_te: bool | None = None
@@ -64,6 +65,10 @@ def transformer_config(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRunti
     dims.validate_for_model(num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
                             num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size)
     cuda = torch.cuda.is_available()
+    # Our fused RoPE / SwiGLU ride on Megatron-Core's own hooks (megasyne/model/fusions.py);
+    # TE's spec brings its own fusions instead.
+    ours = runtime.kernels_on and not runtime.te_on
+    rope_fusion = runtime.te_on or (ours and fusions.install_rope_kernel())
     recompute = {}
     if runtime.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
@@ -109,7 +114,8 @@ def transformer_config(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRunti
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=runtime.te_on,
+        apply_rope_fusion=rope_fusion,
+        use_te_activation_func=ours,     # = call the spec's activation module (our SwiGLU)
         gradient_accumulation_fusion=cuda and (accel.apex_available() or runtime.te_on),
         use_cpu_initialization=not cuda,
         perform_initialization=runtime.init_weights,
@@ -135,6 +141,8 @@ def layer_spec(cfg: LlamaConfig, config, runtime: ModelRuntime, vp_stage: int | 
     norm = ModuleSpec(module=RMSNorm, params={"use_kernel": runtime.kernels_on})
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
+    if runtime.kernels_on:  # read by MLP because transformer_config set use_te_activation_func
+        spec.submodules.mlp.submodules.activation_func = fusions.SwiGLU
     if runtime.attention_backend == "sdpa":
         from megasyne.model.attention import SDPAttention
 

@@ -43,10 +43,18 @@ def init_parallel(dims: ParallelDims, *, seed: int = 1234, timeout_s: float = 60
             backend = "nccl"
         else:
             backend = "gloo"
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # A plain single process (a tool, a scorer, a test): an in-process store, no TCP
+            # port. Picking a "free" port and binding it later raced with other processes
+            # on the machine (EADDRINUSE seen once in the score_ppl tests).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                    timeout=timeout)
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,

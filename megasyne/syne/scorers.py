@@ -58,14 +58,6 @@ def _row_sums(nll: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray, np.nda
     return nll.sum(dim=1).cpu().numpy(), mask.sum(dim=1).cpu().numpy().astype(np.int64)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MegatronScorer:
     """A megasyne checkpoint on this rank's share of a TP x PP x DP layout (eval mode, no grads).
 
@@ -84,8 +76,6 @@ class MegatronScorer:
         from megasyne.parallel.init import init_parallel, launcher_world
 
         _, _, world = launcher_world()
-        if "RANK" not in os.environ:  # a plain single process: a private rendezvous port
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
         self.checkpoint = resolve(checkpoint)
         manifest = read_manifest(self.checkpoint)
         self.cfg = LlamaConfig.from_dict(manifest["model"])

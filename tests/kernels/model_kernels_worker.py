@@ -1,7 +1,8 @@
 """Trains tiny_debug 3 steps with torch ops and again with our Triton kernels (interpreter).
 
 Usage: model_kernels_worker.py OUT_DIR LAYOUT (LAYOUT: "single" on 1 rank, "tp2_sp" on 2).
-Both models start from the same full weights (built once, loaded into each) and see the same
+With kernels, RMSNorm, cross-entropy, RoPE (Megatron's fused-RoPE slot) and SwiGLU (the
+MLP's activation module) are ours. Both models start from the same full weights (built once, loaded into each) and see the same
 batches; the per-step losses and grad norms of both go to OUT_DIR/<LAYOUT>.pt.
 """
 
@@ -41,6 +42,14 @@ def main(out_dir: str, layout: str) -> None:
         assert len(norms_) == 2 * cfg.num_layers + 1  # every norm, the final one included
         assert all(m.use_kernel is kernels for m in norms_)
         assert chunks[0].use_triton_cross_entropy is kernels
+        from megatron.core.models.common.embeddings import rope_utils
+
+        from megasyne.model.fusions import SwiGLU, _fused_rope
+
+        swiglus = [m for m in chunks[0].modules() if isinstance(m, SwiGLU)]
+        assert len(swiglus) == (cfg.num_layers if kernels else 0)
+        assert chunks[0].config.apply_rope_fusion is kernels
+        assert not kernels or rope_utils.fused_apply_rotary_pos_emb is _fused_rope
         load_full_state(chunks[0], full, ps.get_tensor_model_parallel_rank(), dims.tp)
         ddp = wrap_ddp(chunks, dims)
         optimizer = build_optimizer(ddp, dims, OptimConfig(lr=1e-3, weight_decay=0.1))

@@ -137,3 +137,36 @@ def test_errors():
         rmsnorm(torch.randn(2, 8), torch.ones(7))
     with pytest.raises(TypeError):
         rmsnorm(torch.randn(2, 8).double(), torch.ones(8).double())
+
+
+@pytest.mark.parametrize("fwd_cfg", rms_mod.FWD_CANDIDATES, ids=str)
+@pytest.mark.parametrize("bwd_cfg", rms_mod.BWD_CANDIDATES[:2], ids=str)
+def test_every_launch_configuration_the_tuner_may_pick(monkeypatch, fwd_cfg, bwd_cfg):
+    """Multi-row forward tiles (33 rows: the last tile is partly masked) and every backward
+    chunking give the same results; and the fused residual variant with a multi-row tile."""
+    monkeypatch.setitem(rms_mod.FORCE, "rmsnorm_fwd", fwd_cfg)
+    monkeypatch.setitem(rms_mod.FORCE, "rmsnorm_bwd", bwd_cfg)
+    x, w, dy = make((33, 100), torch.bfloat16, seed=9)
+    (y, dx, dw), (y64, dx64, dw64) = run_both(x, w, dy)
+    assert_close(y, y64, what="y")
+    assert_close(dx, dx64, what="dx")
+    assert_close(dw, dw64, what="dweight")
+    r = torch.randn(33, 100, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    y2, h2 = add_rmsnorm(x, r, w)
+    assert_close(h2, (x + r).double(), what="h")
+    assert_close(y2, reference(h2, w), what="y (residual)")
+
+
+def test_tuner_times_candidates_once_per_key_and_defaults_off_cuda(monkeypatch):
+    """Off CUDA the first (profiled default) candidate is used without launching any; FORCE
+    and MEGASYNE_TUNE=0 take precedence on any device. (The timing path needs CUDA events:
+    benchmarks/bench_kernels.py runs it on the GPU and reports what it chose.)"""
+    launched = []
+    cands = [(1, None), (2, 8), (4, 8)]
+    assert rms_mod._pick("t", ("k",), cands, launched.append, torch.device("cpu")) == (1, None)
+    assert launched == []
+    monkeypatch.setitem(rms_mod.FORCE, "t", (4, 8))
+    assert rms_mod._pick("t", ("k",), cands, launched.append, torch.device("cpu")) == (4, 8)
+    monkeypatch.setenv("MEGASYNE_TUNE", "0")
+    monkeypatch.delitem(rms_mod.FORCE, "t")
+    assert rms_mod._pick("t", ("k",), cands, launched.append, torch.device("cuda")) == (1, None)
