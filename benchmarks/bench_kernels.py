@@ -1,4 +1,5 @@
-"""Triton RMSNorm and (vocab-parallel) cross-entropy vs the alternatives, at Llama-3-8B shapes.
+"""Our Triton kernels (RMSNorm, vocab-parallel cross-entropy, RoPE, SwiGLU) vs the alternatives,
+at Llama-3-8B shapes.
 
     python benchmarks/bench_kernels.py --out bench_kernels.json   # one H100/H200, < 4 min
     python benchmarks/bench_kernels.py --dry-run                   # CPU, interpreter, tiny shapes
@@ -10,9 +11,12 @@
    event timings), the extra peak memory of one fwd+bwd over its inputs, and the achieved
    bandwidth of fwd+bwd under the *minimum* traffic model (RMSNorm: read x, write y; read
    dy, x, write dx = 5 x T x H x 2 bytes; cross-entropy: read the logits in forward, read and
-   write them in backward = 3 x N x V x 2 bytes) as a fraction of the copy bandwidth.
+   write them in backward = 3 x N x V x 2 bytes; RoPE on q and k: read + write each forward
+   and backward; SwiGLU on [T, 2F]: forward reads 2F writes F, backward reads F + 2F writes
+   2F per token) as a fraction of the copy bandwidth, for fwd, bwd and fwd+bwd separately.
 
-Shapes: RMSNorm T in {8192, 16384} tokens x hidden 4096. Cross-entropy N in {8192, 16384}
+Shapes: RMSNorm T in {8192, 16384} tokens x hidden 4096. RoPE: q [T, 1, 32, 128] and
+k [T, 1, 8, 128] of one layer (both per call). SwiGLU: [T, 2 x 14336]. Cross-entropy N in {8192, 16384}
 tokens x vocab 128256 whole and split 2/4/8 ways. A split is SIMULATED on one GPU: the kernel
 runs on a [N, V/k] shard with world-size-1 math for the local phases (targets drawn inside the
 shard); the three [N]-sized all-reduces of real tensor parallelism are not timed.
@@ -20,16 +24,22 @@ shard); the three [N]-sized all-reduces of real tensor parallelism are not timed
 Implementations (each skipped with a printed reason when it does not import):
   RMSNorm:  megasyne triton | torch eager (megasyne's fallback formula) | torch.compile of it |
             Liger-Kernel LigerRMSNorm | Transformer-Engine RMSNorm
-  CE:       megasyne triton | torch eager F.cross_entropy on fp32-upcast logits (what HF
+  CE:       megasyne triton (per token, the model's path) | megasyne triton (mean: gradient
+            computed in the forward, the semantics Liger is timed with) | torch eager F.cross_entropy on fp32-upcast logits (what HF
             does) | torch.compile of it | megatron-core tensor_parallel.vocab_parallel_cross_entropy
             | megatron-core fusions.fused_cross_entropy | Liger-Kernel cross entropy (mean)
+  RoPE:     megasyne triton | megatron-core unfused bshd RoPE (its path without TE) |
+            torch.compile of it | Liger-Kernel rope (its [b, n, s, d] layout) | TE fused RoPE
+  SwiGLU:   megasyne triton | torch eager (megatron-core's unfused glu) | torch.compile of it
+            | megatron-core bias_swiglu_impl | Liger-Kernel fused gate-up SiLU-mul
 A global time budget (--budget-s) skips what is left once exceeded, so the run stays short.
 
 The dry run exercises every code path on CPU with tiny shapes (Triton interpreter;
 torch.compile with backend="eager" and Megatron's fused CE with its jit fuser off, so no
 compiler runs on the shared CPU); its timings mean nothing. On a GPU box without megatron-core
 or Liger, `pip install --no-deps --target DIR` their wheels and put DIR on PYTHONPATH.
-`--sweep` also times our kernels' knobs (RMSNorm backward programs/SM and warps, CE block).
+`--sweep` also times our kernels' knobs (RMSNorm launch candidates, CE block); the RMSNorm
+launch tuner's own choice per shape is reported in any case.
 """
 
 from __future__ import annotations
@@ -43,7 +53,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LLAMA3_8B = dict(hidden=4096, vocab=128256, eps=1e-5)
 
 
 def parse_args():
@@ -75,12 +84,13 @@ T0 = time.perf_counter()
 def load_kernels():
     """megasyne.kernels when installed, else the files in kernels/ (they import only torch
     and triton), so the script also runs from a bare checkout on a GPU box."""
+    names = ("rmsnorm", "cross_entropy", "rope", "swiglu")
     try:
-        from megasyne.kernels import cross_entropy, rmsnorm
-        return rmsnorm, cross_entropy
+        from megasyne.kernels import cross_entropy, rmsnorm, rope, swiglu
+        return rmsnorm, cross_entropy, rope, swiglu
     except ImportError:
         mods = []
-        for name in ("rmsnorm", "cross_entropy"):
+        for name in names:
             spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "kernels" / f"{name}.py")
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
@@ -88,7 +98,7 @@ def load_kernels():
         return tuple(mods)
 
 
-RMS, CE = load_kernels()
+RMS, CE, ROPE, SWIGLU = load_kernels()
 SKIPPED: dict[str, str] = {}
 
 
@@ -100,6 +110,13 @@ def optional(name, fn):
         SKIPPED[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
         print(f"skip {name}: {SKIPPED[name]}")
         return None
+
+
+import kernel_impls as impls  # noqa: E402  (benchmarks/ is on sys.path: the script's folder)
+from kernel_impls import LLAMA3_8B, rope_angles, rope_reference, torch_glu  # noqa: E402
+
+impls.configure(dev=DEV, dry_run=ARGS.dry_run, no_compile=ARGS.no_compile,
+                kernels=(RMS, CE, ROPE, SWIGLU), optional_fn=optional)
 
 
 # --- Timing ---
@@ -172,99 +189,6 @@ def copy_bandwidth_gbs() -> float:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
-# --- Implementations: name -> fn(inputs) -> output ---
-
-
-def torch_rmsnorm(x, w, eps=LLAMA3_8B["eps"]):
-    x32 = x.float()
-    return (w.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))).to(x.dtype)
-
-
-def torch_ce(logits, target):
-    return F.cross_entropy(logits.float(), target, reduction="none")
-
-
-def compile_fn(fn):
-    # Dry run: backend "eager" proves the wrapper without running inductor on the shared CPU.
-    return torch.compile(fn, backend="eager" if ARGS.dry_run else "inductor")
-
-
-def rmsnorm_impls(hidden):
-    """name -> (fn(x, w), own weight or None). Module baselines use their own (ones) weight;
-    gradients are then taken w.r.t. x and that weight, so every impl computes dx and dw."""
-    impls = {"megasyne triton": (lambda x, w: RMS.rmsnorm(x, w, LLAMA3_8B["eps"]), None),
-             "torch eager": (torch_rmsnorm, None)}
-
-    def liger():
-        from liger_kernel.transformers.rms_norm import LigerRMSNorm
-        mod = LigerRMSNorm(hidden, eps=LLAMA3_8B["eps"]).to(DEV, torch.bfloat16)
-        return (lambda x, w: mod(x)), mod.weight
-
-    def te():
-        import transformer_engine.pytorch as te_pt
-        mod = te_pt.RMSNorm(hidden, eps=LLAMA3_8B["eps"], params_dtype=torch.bfloat16, device=DEV)
-        return (lambda x, w: mod(x)), mod.weight
-
-    for name, make in (("liger RMSNorm", liger), ("transformer-engine RMSNorm", te)):
-        entry = optional(name, make)
-        if entry is not None:
-            impls[name] = entry
-    if not ARGS.no_compile:  # last: its compile time counts against the budget
-        impls["torch.compile"] = (compile_fn(torch_rmsnorm), None)
-    return impls
-
-
-def init_megatron():
-    """World-1 process group + Megatron parallel state for its CE functions."""
-    import socket
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl" if DEV.type == "cuda" else "gloo",
-                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    return ps
-
-
-def ce_impls():
-    impls = {"megasyne triton": lambda x, t: CE.cross_entropy(x, t),
-             "torch eager (fp32 upcast)": torch_ce}
-
-    def megatron_unfused():
-        init_megatron()
-        from megatron.core import tensor_parallel
-        return lambda x, t: tensor_parallel.vocab_parallel_cross_entropy(x, t, 0.0)
-
-    def megatron_fused():
-        ps = init_megatron()
-        if ARGS.dry_run:  # its jit_fuser is torch.compile: keep the compiler off the shared CPU
-            import megatron.core.jit as mjit
-            mjit.disable_jit_fuser()
-        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
-        group = ps.get_tensor_model_parallel_group()
-        return lambda x, t: fused_vocab_parallel_cross_entropy(x, t, group)
-
-    def liger():
-        from liger_kernel.transformers.functional import liger_cross_entropy
-        return lambda x, t: liger_cross_entropy(x, t)  # reduction mean: its grad-in-forward path
-
-    for name, make in (("megatron-core vocab_parallel_cross_entropy", megatron_unfused),
-                       ("megatron-core fused_cross_entropy", megatron_fused),
-                       ("liger cross_entropy (mean)", liger)):
-        fn = optional(name, make)
-        if fn is not None:
-            impls[name] = fn
-    if not ARGS.no_compile:  # last: its compile time counts against the budget
-        impls["torch.compile"] = compile_fn(torch_ce)
-    return impls
-
-
 # --- Correctness on the device ---
 
 
@@ -313,14 +237,63 @@ def check_correctness() -> list[dict]:
         for what, a, e, dt in (("loss", loss, l64, torch.float32), ("dlogits", dl, dl64, dtype)):
             ok, rel = within_ulp(a, e, dt)
             out.append(dict(kernel="cross_entropy", shape=[n, v], dtype=str(dtype), what=what, ok=ok, max_rel=rel))
+    for n, v, dtype in ((64, vocab // 8, torch.bfloat16), (33, 1023, torch.float32)):
+        logits = (3 * torch.randn(n, v, generator=g)).to(DEV, dtype)
+        target = torch.randint(0, v, (n,), generator=g).to(DEV)
+        target[1::5] = -100
+        base = logits.clone().requires_grad_()
+        loss = CE.cross_entropy(base.clone(), target, reduction="mean")  # grad in forward
+        (dl,) = torch.autograd.grad(loss, [base])
+        x64 = logits.double().requires_grad_()
+        l64 = F.cross_entropy(x64, target, ignore_index=-100)
+        (dl64,) = torch.autograd.grad(l64, [x64])
+        for what, a, e, dt in (("mean loss", loss, l64, torch.float32), ("dlogits (mean)", dl, dl64, dtype)):
+            ok, rel = within_ulp(a, e, dt)
+            out.append(dict(kernel="cross_entropy", shape=[n, v], dtype=str(dtype), what=what, ok=ok, max_rel=rel))
+    heads, d = (4, 16) if ARGS.dry_run else (32, 128)
+    for s_, b, n, dtype in ((65, 2, heads, torch.bfloat16), (33, 1, 3, torch.float32)):
+        t = torch.randn(s_, b, n, d, generator=g).to(DEV, dtype)
+        f = rope_angles(s_, d, start=4000)
+        dy = torch.randn(s_, b, n, d, generator=g).to(DEV, dtype)
+        tk = t.clone().requires_grad_()
+        y = ROPE.rope(tk, f)
+        (dt,) = torch.autograd.grad(y, [tk], dy)
+        t64 = t.double().requires_grad_()
+        y64 = rope_reference(t64, f.double())
+        (dt64,) = torch.autograd.grad(y64, [t64], dy.double())
+        for what, a, e in (("y", y, y64), ("dt", dt, dt64)):
+            ok, rel = within_ulp(a, e, dtype)
+            out.append(dict(kernel="rope", shape=[s_, b, n, d], dtype=str(dtype), what=what, ok=ok, max_rel=rel))
+    ffn = 100 if ARGS.dry_run else 14336
+    for rows, f_, dtype in ((129, ffn, torch.bfloat16), (7, 1001, torch.float32)):
+        x = (3 * torch.randn(rows, 2 * f_, generator=g)).to(DEV, dtype)
+        dy = torch.randn(rows, f_, generator=g).to(DEV, dtype)
+        xk = x.clone().requires_grad_()
+        y = SWIGLU.swiglu(xk)
+        (dx,) = torch.autograd.grad(y, [xk], dy)
+        x64 = x.double().requires_grad_()
+        y64 = torch_glu(x64)
+        (dx64,) = torch.autograd.grad(y64, [x64], dy.double())
+        for what, a, e in (("y", y, y64), ("dx", dx, dx64)):
+            ok, rel = within_ulp(a, e, dtype)
+            out.append(dict(kernel="swiglu", shape=[rows, 2 * f_], dtype=str(dtype), what=what, ok=ok, max_rel=rel))
     return out
 
 
 # --- Cases ---
 
 
+def _outs(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _ones(outs):
+    return [torch.ones_like(o) if o.dim() else None for o in outs]
+
+
 def measure(kind, shape, name, fwd, make_inputs, grad_of, ideal_bytes):
-    """fwd / bwd / fwd+bwd ms and peak memory of ``fwd(*inputs)``; grads w.r.t. grad_of(inputs)."""
+    """fwd / bwd / fwd+bwd ms and peak memory of ``fwd(*inputs)`` (a tensor or a tuple of
+    them); grads w.r.t. grad_of(inputs). ``ideal_bytes`` = (forward, backward) minimum traffic."""
     row = dict(kernel=kind, shape=list(shape), impl=name)
     if time.perf_counter() - T0 > ARGS.budget_s:
         row["skipped"] = "time budget"
@@ -330,27 +303,29 @@ def measure(kind, shape, name, fwd, make_inputs, grad_of, ideal_bytes):
         wrt = grad_of(inputs)
 
         def bwd_setup():
-            out = fwd(*inputs)
-            return out, (torch.ones_like(out) if out.dim() else None)
+            outs = _outs(fwd(*inputs))
+            return outs, _ones(outs)
 
         def step_bwd(state):
-            out, g = state
-            return torch.autograd.grad(out, wrt, g, allow_unused=True)
+            outs, g = state
+            return torch.autograd.grad(outs, wrt, g, allow_unused=True)
 
         def step_both(_):
-            out = fwd(*inputs)
-            return torch.autograd.grad(out, wrt, torch.ones_like(out) if out.dim() else None,
-                                       allow_unused=True)
+            outs = _outs(fwd(*inputs))
+            return torch.autograd.grad(outs, wrt, _ones(outs), allow_unused=True)
 
         t_first = time.perf_counter()
-        step_both(None)  # first call: compiles (torch.compile / Triton JIT), excluded
+        step_both(None)  # first call: compiles (torch.compile / Triton JIT, our tuner), excluded
         sync()
         row["first_call_s"] = round(time.perf_counter() - t_first, 2)
         row["fwd_ms"] = time_ms(lambda _: fwd(*inputs))
         row["bwd_ms"] = time_ms(step_bwd, setup=bwd_setup)
         row["fwd_bwd_ms"] = time_ms(step_both)
         row["peak_extra_gib"] = peak_extra_gib(step_both)
-        row["gbs"] = ideal_bytes / (row["fwd_bwd_ms"] * 1e-3) / 1e9
+        fwd_b, bwd_b = ideal_bytes
+        row["gbs"] = (fwd_b + bwd_b) / (row["fwd_bwd_ms"] * 1e-3) / 1e9
+        row["fwd_gbs"] = fwd_b / (row["fwd_ms"] * 1e-3) / 1e9
+        row["bwd_gbs"] = bwd_b / (row["bwd_ms"] * 1e-3) / 1e9
     except Exception as exc:  # e.g. out of memory, an API drift in an optional baseline
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
         print(f"  {kind} {shape} {name}: {row['error']}")
@@ -366,14 +341,14 @@ def run_cases(tokens, splits) -> list[dict]:
     dtype = torch.bfloat16
     hidden = 256 if ARGS.dry_run else LLAMA3_8B["hidden"]
     vocab = 1000 if ARGS.dry_run else LLAMA3_8B["vocab"]
-    rms, ce = rmsnorm_impls(hidden), ce_impls()
+    rms, ce = impls.rmsnorm_impls(hidden), impls.ce_impls()
     for t in tokens:
         def make_x(t=t):
             g = torch.Generator(device=DEV).manual_seed(0)
             x = torch.randn(t, hidden, device=DEV, dtype=dtype, generator=g).requires_grad_()
             w = (1 + 0.1 * torch.randn(hidden, device=DEV, generator=g)).to(dtype).requires_grad_()
             return x, w
-        ideal = 5 * t * hidden * dtype.itemsize
+        ideal = (2 * t * hidden * dtype.itemsize, 3 * t * hidden * dtype.itemsize)
         for name, (fn, own_w) in rms.items():
             grad_of = (lambda i: [i[0], i[1]]) if own_w is None else (lambda i, w=own_w: [i[0], w])
             rows.append(measure("rmsnorm", (t, hidden), name, fn, make_x, grad_of, ideal))
@@ -387,7 +362,7 @@ def run_cases(tokens, splits) -> list[dict]:
                 x = (3 * torch.randn(t, v, device=DEV, generator=g)).to(dtype).requires_grad_()
                 target = torch.randint(0, v, (t,), device=DEV, generator=g)
                 return x, target
-            ideal = 3 * t * v * dtype.itemsize
+            ideal = (t * v * dtype.itemsize, 2 * t * v * dtype.itemsize)
             for name, fn in ce.items():
                 # Ours (in backward) and Liger (in forward) overwrite the logits with their
                 # gradient, so later calls run on gradient values: finite, and the cost of
@@ -397,37 +372,64 @@ def run_cases(tokens, splits) -> list[dict]:
                 row["split"] = k
                 rows.append(row)
                 print_progress(row)
+    q_heads, kv_heads, d, ffn = (4, 2, 16, 100) if ARGS.dry_run else (32, 8, 128, 14336)
+    ropes, glus = impls.rope_impls(), impls.swiglu_impls()
+    for t in tokens:
+        def make_qk(t=t):
+            g = torch.Generator(device=DEV).manual_seed(2)
+            q = torch.randn(t, 1, q_heads, d, device=DEV, generator=g).to(dtype).requires_grad_()
+            k = torch.randn(t, 1, kv_heads, d, device=DEV, generator=g).to(dtype).requires_grad_()
+            return q, k, rope_angles(t, d)
+        elems = t * (q_heads + kv_heads) * d * dtype.itemsize
+        for name, fn in ropes.items():
+            rows.append(measure("rope q+k", (t, 1, q_heads + kv_heads, d), name, fn, make_qk,
+                                lambda i: [i[0], i[1]], (2 * elems, 2 * elems)))
+            print_progress(rows[-1])
+    for t in tokens:
+        def make_fc1(t=t):
+            g = torch.Generator(device=DEV).manual_seed(3)
+            return (torch.randn(t, 2 * ffn, device=DEV, generator=g).to(dtype).requires_grad_(),)
+        unit = t * ffn * dtype.itemsize
+        for name, fn in glus.items():
+            rows.append(measure("swiglu", (t, 2 * ffn), name, fn, make_fc1, lambda i: [i[0]],
+                                (3 * unit, 5 * unit)))
+            print_progress(rows[-1])
     return rows
 
 
 def sweep(tokens) -> list[dict]:
-    """fwd+bwd ms of our kernels over their tuning knobs (RMSNorm backward programs per SM,
-    cross-entropy vocab block) at the largest token count, whole vocabulary."""
+    """Our kernels over their launch knobs at the largest token count, whole vocabulary:
+    RMSNorm forward (rows/program, warps) and backward (programs/SM, warps) candidates, each
+    direction timed alone; cross-entropy vocab block (fwd+bwd)."""
     out, t = [], max(tokens)
     hidden = 256 if ARGS.dry_run else LLAMA3_8B["hidden"]
     vocab = 1000 if ARGS.dry_run else LLAMA3_8B["vocab"]
     x = torch.randn(t, hidden, device=DEV, dtype=torch.bfloat16).requires_grad_()
     w = torch.ones(hidden, device=DEV, dtype=torch.bfloat16).requires_grad_()
     dy = torch.randn_like(x)
-    defaults = RMS.BWD_PROGRAMS_PER_SM, RMS.BWD_NUM_WARPS
-    for per_sm in (2, 4, 8, 16):
-        for warps in (4, 8, 16):
-            RMS.BWD_PROGRAMS_PER_SM, RMS.BWD_NUM_WARPS = per_sm, warps
-            ms = time_ms(lambda _: torch.autograd.grad(RMS.rmsnorm(x, w), [x, w], dy))
-            out.append(dict(kernel="rmsnorm", knob="BWD_PROGRAMS_PER_SM,BWD_NUM_WARPS",
-                            value=[per_sm, warps], fwd_bwd_ms=ms))
-    RMS.BWD_PROGRAMS_PER_SM, RMS.BWD_NUM_WARPS = defaults
+    for cfg in RMS.FWD_CANDIDATES:
+        RMS.FORCE["rmsnorm_fwd"] = cfg
+        ms = time_ms(lambda _: RMS.rmsnorm(x, w))
+        out.append(dict(kernel="rmsnorm fwd", knob="rows/program, warps", value=list(cfg), ms=ms))
+    RMS.FORCE.pop("rmsnorm_fwd")
+    y = RMS.rmsnorm(x, w)
+    for cfg in RMS.BWD_CANDIDATES + [(8, 8), (2, 4), (2, 32)]:
+        RMS.FORCE["rmsnorm_bwd"] = cfg
+        ms = time_ms(lambda _: torch.autograd.grad(y, [x, w], dy, retain_graph=True))
+        out.append(dict(kernel="rmsnorm bwd", knob="programs/SM, warps", value=list(cfg), ms=ms))
+    RMS.FORCE.pop("rmsnorm_bwd")
     del x, w, dy
     logits = torch.randn(t, vocab, device=DEV, dtype=torch.bfloat16).requires_grad_()
     target = torch.randint(0, vocab, (t,), device=DEV)
     default, ones = CE.MAX_BLOCK_V, torch.ones(t, device=DEV)
-    for block in (4096, 8192, 16384):
-        CE.MAX_BLOCK_V = block
+    for block, warps in ((4096, 8), (8192, 16), (8192, 32), (16384, 16), (16384, 32), (32768, 32)):
+        CE.MAX_BLOCK_V, CE.NUM_WARPS = block, warps
         ms = time_ms(lambda _: torch.autograd.grad(CE.cross_entropy(logits, target), [logits], ones))
-        out.append(dict(kernel="cross_entropy", knob="MAX_BLOCK_V", value=block, fwd_bwd_ms=ms))
-    CE.MAX_BLOCK_V = default
+        out.append(dict(kernel="cross_entropy fwd+bwd", knob="MAX_BLOCK_V, warps",
+                        value=[block, warps], ms=ms))
+    CE.MAX_BLOCK_V, CE.NUM_WARPS = default, None
     for r in out:
-        print(f"  sweep {r['kernel']} {r['knob']}={r['value']}: {r['fwd_bwd_ms']:.3f} ms fwd+bwd")
+        print(f"  sweep {r['kernel']} {r['knob']}={r['value']}: {r['ms']:.3f} ms")
     return out
 
 
@@ -439,22 +441,23 @@ def print_progress(row):
 
 
 def markdown(rows, copy_gbs) -> str:
-    lines = ["| kernel | shape | impl | fwd ms | bwd ms | fwd+bwd ms | GB/s (min traffic) | "
-             "% copy BW | peak extra GiB | vs eager |", "|" + "---|" * 10]
+    lines = ["| kernel | shape | impl | fwd ms | bwd ms | fwd+bwd ms | % copy BW fwd / bwd / both | "
+             "peak extra GiB | vs eager |", "|" + "---|" * 9]
     eager = {}
     for r in rows:
-        if "eager" in r["impl"] and "fwd_bwd_ms" in r:
-            eager[(r["kernel"], tuple(r["shape"]))] = r["fwd_bwd_ms"]
+        if ("eager" in r["impl"] or "unfused" in r["impl"]) and "fwd_bwd_ms" in r:
+            eager.setdefault((r["kernel"], tuple(r["shape"])), r["fwd_bwd_ms"])
     for r in rows:
         if "fwd_bwd_ms" not in r:
             lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | "
-                         f"{r.get('skipped') or r.get('error')} |||||||")
+                         f"{r.get('skipped') or r.get('error')} ||||||")
             continue
         base = eager.get((r["kernel"], tuple(r["shape"])))
         peak = "-" if r["peak_extra_gib"] is None else f"{r['peak_extra_gib']:.2f}"
+        pct = " / ".join(f"{100 * r[k] / copy_gbs:.0f}%" for k in ("fwd_gbs", "bwd_gbs", "gbs"))
         lines.append(
             f"| {r['kernel']} | {r['shape']} | {r['impl']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | "
-            f"{r['fwd_bwd_ms']:.3f} | {r['gbs']:.0f} | {100 * r['gbs'] / copy_gbs:.0f}% | {peak} | "
+            f"{r['fwd_bwd_ms']:.3f} | {pct} | {peak} | "
             f"{(base / r['fwd_bwd_ms']) if base else float('nan'):.2f}x |")
     return "\n".join(lines)
 
@@ -481,6 +484,11 @@ def main():
     print(f"device-to-device copy bandwidth: {copy_gbs:.0f} GB/s")
     rows = run_cases(tokens, splits)
     tuning = sweep(tokens) if ARGS.sweep else []
+    tuned = [dict(name=k[0], key=[str(v) for v in k[1]], chosen=list(RMS._CHOSEN[k]),
+                  ms=[[list(c), round(ms, 4)] for c, ms in RMS.TUNING_TIMINGS.get(k, [])])
+             for k in RMS._CHOSEN]
+    for tnd in tuned:
+        print(f"  tuner {tnd['name']} {tnd['key']}: chose {tnd['chosen']} from {tnd['ms']}")
     table = markdown(rows, copy_gbs)
     print("\n" + table)
     print("\nCE splits are simulated on one device (shard of V/k columns, world-size-1 math, "
@@ -488,7 +496,8 @@ def main():
     if SKIPPED:
         print("skipped: " + "; ".join(f"{k} ({v})" for k, v in SKIPPED.items()))
     result = dict(card=card, dry_run=ARGS.dry_run, torch=torch.__version__, triton=triton.__version__,
-                  copy_gbs=copy_gbs, correctness=checks, results=rows, sweep=tuning, skipped=SKIPPED,
+                  copy_gbs=copy_gbs, correctness=checks, results=rows, sweep=tuning, tuner=tuned,
+                  skipped=SKIPPED,
                   wall_s=round(time.perf_counter() - T0, 1), note="CE splits simulated on one device")
     if ARGS.out:
         Path(ARGS.out).write_text(json.dumps(result, indent=1))

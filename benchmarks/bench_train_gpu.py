@@ -10,9 +10,13 @@ tokens/s, TFLOP/s, MFU and peak memory. MFU uses LlamaConfig.flops_per_token
 Each step is synchronised and timed on the host; the table gives the median step.
 
 Variants:
-- megasyne/triton: Megatron-Core GPTModel (local spec, SDPA attention), our Triton RMSNorm
-  and vocab-parallel cross-entropy, Megatron DDP + optimizer (bf16 params, fp32 master).
-- megasyne/torch: the same with MEGASYNE's kernels off (torch RMSNorm, Megatron's CE).
+- megasyne/triton: Megatron-Core GPTModel (local spec, SDPA attention), our Triton RMSNorm,
+  vocab-parallel cross-entropy, RoPE and SwiGLU, Megatron DDP + optimizer (bf16 params, fp32
+  master, torch's fused AdamW).
+- megasyne/torch: the same with megasyne's kernels off (torch RMSNorm, Megatron's CE,
+  Megatron's unfused RoPE and gated activation).
+--grad-accum N runs N micro-batches per optimizer step (the HF baseline too), as a CPT run
+with a large global batch does; the optimizer's fixed cost is then shared by N micro-batches.
 - hf: transformers.LlamaForCausalLM (sdpa), fp32 weights + torch.autocast(bf16) (what
   the HF Trainer does with --bf16), torch.optim.AdamW(fused=True).
 - hf_bf16 (not in the default list): the same model with bf16 weights and no autocast

@@ -13,8 +13,10 @@
 # Steps, in order of value; each is time-limited, a failing step is reported (rc) and the
 # next one still runs; all JSON and the whole log land in $OUT:
 #   1. bench_train_gpu.py: TinyLlama-1.1B, seq 2048, mbs 4, kernels on/off vs HF  -> bench_train.json
-#   2. bench_kernels.py, short: 16384 tokens, CE vocab whole and split 4          -> bench_kernels.json
-#   3. bench_train_gpu.py again at micro-batch 8 (megasyne/triton, hf), if time is left
+#   2. bench_kernels.py, short: 16384 tokens, CE vocab whole and split 4, RoPE, SwiGLU, and the
+#      RMSNorm launch tuner's choices                                              -> bench_kernels.json
+#   3. bench_train_gpu.py at 4 micro-batches of 4 per step (gradient accumulation, the way a
+#      CPT run trains; same for HF), if time is left                              -> bench_train_ga4.json
 #   4. python setup.py build_ext (csrc/) in a copy, then import megasyne._csrc
 set -u -o pipefail
 
@@ -126,14 +128,14 @@ summary() {
   (cd /tmp && OUT="$OUT" "$PY" - <<'EOF'
 import json, os
 out = os.environ["OUT"]
-for name in ("bench_train.json", "bench_train_mbs8.json"):
+for name in ("bench_train.json", "bench_train_ga4.json", "bench_train_mbs8.json"):
     path = os.path.join(out, name)
     if not os.path.exists(path):
         print(f"{name}: missing")
         continue
     d = json.load(open(path))
     base = d["results"].get("hf", {}).get("tokens_per_s")
-    print(f"{name}: {d['card']} seq {d['seq']} mbs {d['mbs']}")
+    print(f"{name}: {d['card']} seq {d['seq']} mbs {d['mbs']} x {d.get('grad_accum', 1)}")
     for v, r in d["results"].items():
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         ratio = f"{r['tokens_per_s'] / base:.2f}x hf" if base else ""
@@ -149,10 +151,17 @@ if os.path.exists(path):
     ok = sum(c["ok"] for c in d.get("correctness", []))
     print(f"bench_kernels.json: {d.get('card')} copy {d.get('copy_gbs', 0):.0f} GB/s, "
           f"correctness {ok}/{len(d.get('correctness', []))}")
+    copy = d.get("copy_gbs") or 1.0
     for r in d.get("results", []):
         t = r.get("fwd_bwd_ms")
-        t = f"{t:8.3f} ms" if t is not None else f"ERROR {str(r.get('error', r))[:80]}"
-        print(f"  {r['kernel']:13s} {str(r['shape']):16s} {r['impl'][:44]:44s} {t}")
+        if t is None:
+            t = f"ERROR {str(r.get('error', r))[:80]}"
+        else:
+            t = (f"fwd {r['fwd_ms']:7.3f} bwd {r['bwd_ms']:7.3f} both {t:7.3f} ms; copy BW "
+                 + " / ".join(f"{100 * r[k] / copy:.0f}%" for k in ("fwd_gbs", "bwd_gbs", "gbs")))
+        print(f"  {r['kernel']:13s} {str(r['shape']):20s} {r['impl'][:40]:40s} {t}")
+    for t in d.get("tuner", []):
+        print(f"  tuner {t['name']} {t['key']}: {t['chosen']} from {t['ms']}")
 else:
     print("bench_kernels.json: missing")
 EOF
@@ -186,17 +195,17 @@ main() {
     --variants megasyne/triton,megasyne/torch,hf,hf_bf16 --profile --out "$OUT/bench_train.json"
 
   if [ "$(elapsed)" -lt $((BUDGET_S - 150)) ]; then
-    step bench_kernels 130 "$PY" benchmarks/bench_kernels.py "${dry[@]}" --tokens 16384 --splits 1,4 \
-      --warmup 3 --reps 10 --budget-s 60 --out "$OUT/bench_kernels.json"
+    step bench_kernels 150 "$PY" benchmarks/bench_kernels.py "${dry[@]}" --tokens 16384 --splits 1,4 \
+      --warmup 3 --reps 10 --budget-s 90 --out "$OUT/bench_kernels.json"
   else
     echo "!!! skipped bench_kernels: $(elapsed)s elapsed"; STATUS="$STATUS bench_kernels=skipped"
   fi
 
   if [ "$(elapsed)" -lt $((BUDGET_S - 110)) ]; then
-    step bench_train_mbs8 100 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --mbs 8 --warmup 3 --steps 6 \
-      --variants megasyne/triton,hf --out "$OUT/bench_train_mbs8.json"
+    step bench_train_ga4 110 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --mbs 4 --grad-accum 4 \
+      --warmup 2 --steps 4 --variants megasyne/triton,hf --out "$OUT/bench_train_ga4.json"
   else
-    echo "!!! skipped bench_train_mbs8: $(elapsed)s elapsed"; STATUS="$STATUS bench_train_mbs8=skipped"
+    echo "!!! skipped bench_train_ga4: $(elapsed)s elapsed"; STATUS="$STATUS bench_train_ga4=skipped"
   fi
 
   if [ "$(elapsed)" -lt $((BUDGET_S - 60)) ]; then

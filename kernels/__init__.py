@@ -9,5 +9,10 @@ Each kernel module imports only torch and triton, so it can be used and tested a
   (per-token loss, online log-sum-exp, label smoothing, z-loss, ignore_index; the logits
   tensor is consumed: backward writes the gradient in place).
 
+- ``rope``: ``rope(t, freqs)`` for Megatron's [s, b, n, d] layout (rotate-half convention,
+  fp32 math, one kernel for both directions); plugged into Megatron-Core's fused-RoPE slot.
+- ``swiglu``: ``swiglu(x)`` = silu(gate) * up on the concatenated fc1 output, gradient
+  optionally written in place of x (the model's MLP uses that).
+
 Nothing is imported here, so ``import megasyne.kernels`` stays cheap (no triton import).
 """

@@ -16,6 +16,15 @@ vocab blocks, no fp32 copy of the logits); backward overwrites it in place with 
 and returns it, so no second logits-sized buffer is ever allocated (Megatron-Core's own
 vocab-parallel loss also reuses its logits buffer). Do not use the logits after backward.
 
+Reduction "sum" / "mean" on one rank (what Hugging Face / Liger-Kernel users call): when the
+logits need a gradient, the FORWARD computes it (the upstream gradient of a scalar loss is
+one number, so dlogits is known up to that factor) right after the log-sum-exp of the same row,
+while the row is still in L2, and writes it in place; backward then only rescales the rows,
+on the device, and only if the upstream gradient is not exactly 1 (no host sync, unlike
+Liger's check). The logits are then consumed already by the forward. Across TP ranks the
+log-sum-exp needs an all-reduce between the two passes, so sum/mean there use the per-token
+path and a scalar upstream gradient.
+
 Vocab parallel: each TP rank holds logits[..., rank*Vl:(rank+1)*Vl] and the global targets.
     phase 1 (kernel): per row, local max m_r, sum exp(x - m_r), sum x, x_t if t is local
     all-reduce MAX of m; rescale the local sums to the global max
@@ -36,13 +45,15 @@ import triton.language as tl
 # fwd+bwd) 4096 / 8192 / 16384 are within 4% of each other and 32768 is 15% slower. Tests
 # monkeypatch it to force several blocks with a masked tail at small V.
 MAX_BLOCK_V = 8192
+# Warps per program; None = by block size below (benchmarks/bench_kernels.py --sweep sets it).
+NUM_WARPS = None
 
 
 def _settings(n_cols: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a vocab (shard) of ``n_cols`` columns."""
     block = min(triton.next_power_of_2(n_cols), MAX_BLOCK_V)
     num_warps = 4 if block < 2048 else (8 if block < 8192 else 16)
-    return block, num_warps
+    return block, NUM_WARPS or num_warps
 
 
 # --------------------------------------------------------------------------------------
@@ -99,6 +110,21 @@ def _ce_fwd_kernel(
 
 
 @triton.jit
+def _write_grad_row(row_ptr, n_cols, t_local, lse, g, smoothing, z_loss_weight, inv_vocab,
+                    BLOCK_V: tl.constexpr):
+    """Overwrite one row of logits with g * dloss/dx (the row is read once more)."""
+    cols = tl.arange(0, BLOCK_V)
+    p_scale = 1.0 + 2.0 * z_loss_weight * lse   # d(z lse^2)/dx_j = 2 z lse p_j
+    for off in range(0, n_cols, BLOCK_V):
+        c = off + cols
+        mask = c < n_cols
+        x = tl.load(row_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)
+        dx = p * p_scale - smoothing * inv_vocab - tl.where(c == t_local, 1.0 - smoothing, 0.0)
+        tl.store(row_ptr + c, (dx * g).to(row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ce_bwd_kernel(
     logits_ptr, logits_stride,   # [N, Vl] in: logits, out: dloss/dlogits (in place)
     target_ptr,                  # [N] int, global ids
@@ -110,20 +136,62 @@ def _ce_bwd_kernel(
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
-    cols = tl.arange(0, BLOCK_V)
     t = tl.load(target_ptr + row).to(tl.int64)
     lse = tl.load(lse_ptr + row)
     # Ignored tokens get an all-zero gradient row: scale 0 (logits are finite, so no NaN).
     g = tl.where(t == ignore_index, 0.0, tl.load(grad_ptr + row).to(tl.float32))
-    t_local = t - vocab_start
-    p_scale = 1.0 + 2.0 * z_loss_weight * lse   # d(z lse^2)/dx_j = 2 z lse p_j
+    _write_grad_row(row_ptr, n_cols, t - vocab_start, lse, g, smoothing, z_loss_weight,
+                    inv_vocab, BLOCK_V)
+
+
+@triton.jit
+def _ce_fwd_grad_kernel(
+    logits_ptr, logits_stride,   # [N, V] in: logits, out: scale * dloss/dlogits (in place)
+    target_ptr,                  # [N] int
+    loss_ptr,                    # [N] fp32 per-token loss (the caller reduces it)
+    scale_ptr,                   # [1] fp32: d(reduced loss)/d(token loss), 1 or 1/n_valid
+    n_cols, ignore_index, smoothing, z_loss_weight, inv_vocab,
+    BLOCK_V: tl.constexpr,
+):
+    # One rank, scalar reduction: loss and gradient in one program per row. The second read
+    # of the row follows the first at once, so much of it comes from L2 rather than HBM.
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
+    cols = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    d = 0.0
+    sum_x = 0.0
     for off in range(0, n_cols, BLOCK_V):
         c = off + cols
         mask = c < n_cols
-        x = tl.load(row_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        p = tl.exp(x - lse)
-        dx = p * p_scale - smoothing * inv_vocab - tl.where(c == t_local, 1.0 - smoothing, 0.0)
-        tl.store(row_ptr + c, (dx * g).to(logits_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(row_ptr + c, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        m = m_new
+    t = tl.load(target_ptr + row).to(tl.int64)
+    ignored = t == ignore_index
+    x_t = tl.load(row_ptr + tl.where(ignored, 0, t)).to(tl.float32)
+    lse = m + tl.log(d)
+    loss = (1.0 - smoothing) * (lse - x_t) + smoothing * (lse - sum_x * inv_vocab)
+    loss += z_loss_weight * lse * lse
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    g = tl.where(ignored, 0.0, tl.load(scale_ptr))
+    _write_grad_row(row_ptr, n_cols, t, lse, g, smoothing, z_loss_weight, inv_vocab, BLOCK_V)
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, grad_stride, n_cols, g_ptr, BLOCK_V: tl.constexpr):
+    """grad[row] *= g for a scalar upstream gradient g; nothing at all when g == 1."""
+    g = tl.load(g_ptr)
+    if g != 1.0:
+        row_ptr = grad_ptr + tl.program_id(0).to(tl.int64) * grad_stride
+        cols = tl.arange(0, BLOCK_V)
+        for off in range(0, n_cols, BLOCK_V):
+            c = off + cols
+            mask = c < n_cols
+            x = tl.load(row_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            tl.store(row_ptr + c, (x * g).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -233,19 +301,77 @@ class CrossEntropyFunction(torch.autograd.Function):
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
+class ReducedCrossEntropyFunction(torch.autograd.Function):
+    """Scalar (sum or mean over non-ignored tokens) loss on one rank, gradient computed in the
+    forward (see the module docstring); backward rescales it only if needed."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss_weight, mean):
+        vocab_size = logits.shape[-1]
+        smoothing = _smoothing(label_smoothing, vocab_size)
+        logits2, target1 = _flatten(logits, target)
+        n_rows, n_cols = logits2.shape
+        loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        if mean:  # on the device: no sync. 0 valid tokens -> NaN loss (as torch), zero grad
+            n_valid = (target1 != ignore_index).sum().to(torch.float32)
+            scale = (1.0 / n_valid).reshape(1)
+        else:
+            scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+        if n_rows > 0:
+            block, num_warps = _settings(n_cols)
+            _ce_fwd_grad_kernel[(n_rows,)](
+                logits2, logits2.stride(0), target1, loss, scale, n_cols, ignore_index,
+                smoothing, float(z_loss_weight), 1.0 / vocab_size, BLOCK_V=block,
+                num_warps=num_warps,
+            )
+        ctx.save_for_backward(logits2)   # holds the gradient now
+        ctx.logits_shape = logits.shape
+        ctx.done = False
+        return loss.sum() / n_valid if mean else loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        if ctx.done:
+            raise RuntimeError("cross_entropy(reduction=sum/mean): backward can run only once "
+                               "(the gradient was written in place of the logits)")
+        ctx.done = True
+        n_rows, n_cols = grad.shape
+        if n_rows > 0:
+            block, num_warps = _settings(n_cols)
+            g = grad_loss.reshape(1).to(torch.float32).contiguous()
+            _scale_rows_kernel[(n_rows,)](grad, grad.stride(0), n_cols, g, BLOCK_V=block,
+                                          num_warps=num_warps)
+        return grad.view(ctx.logits_shape), None, None, None, None, None
+
+
 # --------------------------------------------------------------------------------------
 # Functional API
 # --------------------------------------------------------------------------------------
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                  label_smoothing: float = 0.0, z_loss_weight: float = 0.0) -> torch.Tensor:
-    """Per-token cross-entropy (reduction none), fp32 [...] for logits [..., V], target [...].
+                  label_smoothing: float = 0.0, z_loss_weight: float = 0.0,
+                  reduction: str = "none") -> torch.Tensor:
+    """Cross-entropy of logits [..., V] and target [...]: fp32 per-token losses [...]
+    (reduction "none"), or their sum, or their mean over the non-ignored tokens.
 
-    The logits tensor is consumed: backward overwrites it with its gradient.
+    The logits tensor is consumed: backward overwrites it with its gradient ("none"), or
+    already the forward does when a scalar reduction needs a gradient.
     """
-    return CrossEntropyFunction.apply(logits, target, ignore_index, label_smoothing,
-                                      z_loss_weight, None)
+    if reduction == "none":
+        return CrossEntropyFunction.apply(logits, target, ignore_index, label_smoothing,
+                                          z_loss_weight, None)
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"cross_entropy: reduction must be none, sum or mean, got {reduction!r}")
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return ReducedCrossEntropyFunction.apply(logits, target, ignore_index, label_smoothing,
+                                                 z_loss_weight, reduction == "mean")
+    losses = CrossEntropyFunction.apply(logits, target, ignore_index, label_smoothing,
+                                        z_loss_weight, None)
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (target != ignore_index).sum()
 
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor,
@@ -270,4 +396,4 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
 
 
 __all__ = ["cross_entropy", "vocab_parallel_cross_entropy", "CrossEntropyFunction",
-           "ce_forward", "ce_backward_"]
+           "ReducedCrossEntropyFunction", "ce_forward", "ce_backward_"]

@@ -105,6 +105,13 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
+        if ctx.inplace_grad:
+            # Triton's writes do not bump autograd's version counter: a second backward
+            # (retain_graph) would silently read the gradient as if it were the input.
+            if getattr(ctx, "done", False):
+                raise RuntimeError("swiglu(inplace_grad=True): backward can run only once (the "
+                                   "saved input was overwritten); use inplace_grad=False")
+            ctx.done = True
         return swiglu_backward(dy, x, inplace=ctx.inplace_grad), None
 
 

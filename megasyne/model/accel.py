@@ -2,7 +2,7 @@
 
 - Transformer-Engine layer spec: CUDA present and ``import transformer_engine`` succeeds.
 - Otherwise Megatron-Core's local spec with our RMSNorm: Triton kernels on CUDA
-  (RMSNorm and vocab-parallel cross-entropy, unless MEGASYNE_KERNELS=0), torch on CPU.
+  (RMSNorm, vocab-parallel cross-entropy, RoPE, SwiGLU, unless MEGASYNE_KERNELS=0), torch on CPU.
 - apex is never required: gradient-accumulation fusion needs it (or TE) and stays off.
 """
 
@@ -47,7 +47,7 @@ def describe() -> str:
     if transformer_engine_available():
         return "transformer-engine layer spec (CUDA)"
     if triton_kernels_default():
-        return "megatron-core local spec + megasyne Triton RMSNorm/cross-entropy (CUDA)"
+        return "megatron-core local spec + megasyne Triton RMSNorm/cross-entropy/RoPE/SwiGLU (CUDA)"
     if torch.cuda.is_available():
         return "megatron-core local spec + torch ops (CUDA, kernels off)"
     return "megatron-core local spec + torch ops (CPU, gloo)"

@@ -56,3 +56,8 @@ class SwiGLU(torch.nn.Module):
         from megasyne.kernels.swiglu import swiglu
 
         return swiglu(x, inplace_grad=True)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """No state: checkpoints are the same with the kernel on or off. (Megatron's MLP asks
+        every child module for its sharded state when it saves.)"""
+        return {}

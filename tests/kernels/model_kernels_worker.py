@@ -50,6 +50,10 @@ def main(out_dir: str, layout: str) -> None:
         assert len(swiglus) == (cfg.num_layers if kernels else 0)
         assert chunks[0].config.apply_rope_fusion is kernels
         assert not kernels or rope_utils.fused_apply_rotary_pos_emb is _fused_rope
+        # Checkpoints do not depend on the switch: the same sharded keys (Megatron's MLP
+        # asks the activation module for its sharded state too).
+        keys = sorted(chunks[0].sharded_state_dict().keys())
+        results.setdefault("sharded_keys", {})[kernels] = keys
         load_full_state(chunks[0], full, ps.get_tensor_model_parallel_rank(), dims.tp)
         ddp = wrap_ddp(chunks, dims)
         optimizer = build_optimizer(ddp, dims, OptimConfig(lr=1e-3, weight_decay=0.1))
@@ -63,6 +67,8 @@ def main(out_dir: str, layout: str) -> None:
             losses.append(r.loss)
             norms.append(r.grad_norm)
         results["kernels" if kernels else "torch"] = dict(losses=losses, grad_norms=norms)
+    keys = results.pop("sharded_keys")
+    assert keys[True] == keys[False] and len(keys[True]) > 0, "checkpoint keys depend on kernels"
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(out_dir, f"{layout}.pt"))
 

@@ -144,3 +144,62 @@ def test_errors():
         cross_entropy(torch.randn(4, 10), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError):
         cross_entropy(torch.randn(4, 10), torch.zeros(4, dtype=torch.long), label_smoothing=1.0)
+
+
+def reduced_reference(logits, target, reduction, **kw):
+    per_token = reference(logits, target, **kw)
+    if reduction == "sum":
+        return per_token.sum()
+    return per_token.sum() / (target != kw.get("ignore_index", IGNORE)).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("upstream", [1.0, 0.37], ids=["grad1", "grad0.37"])
+def test_scalar_reductions_compute_the_gradient_in_forward(monkeypatch, dtype, reduction,
+                                                           upstream):
+    """sum / mean with the gradient written in the forward (several vocab blocks with a
+    masked tail); backward leaves it as it is for an upstream gradient of exactly 1 and
+    rescales it otherwise. Smoothing, z-loss and ignored tokens included."""
+    monkeypatch.setattr(ce_mod, "MAX_BLOCK_V", 256)
+    logits, target, _ = make(17, 1023, dtype, seed=8)
+    kw = dict(label_smoothing=0.1, z_loss_weight=1e-3)
+    base = logits.clone().requires_grad_()
+    work = base.clone()
+    loss = cross_entropy(work, target, reduction=reduction, **kw)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert not torch.equal(work, logits), "the forward already wrote the gradient in place"
+    (loss * upstream).backward()
+    b64 = logits.double().requires_grad_()
+    loss64 = reduced_reference(b64, target, reduction, **kw)
+    (loss64 * upstream).backward()
+    assert_close(loss, loss64, dtype=torch.float32, what="loss")
+    if upstream == 1.0 or dtype == torch.float32:
+        assert_close(base.grad, b64.grad, what="dlogits")
+    else:  # the rescale rounds a second time: two ulps of bf16
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(base.grad.double(), b64.grad, rtol=2 * eps + 1e-5,
+                                   atol=1e-6 * b64.grad.abs().max().item())
+    assert torch.equal(work, base.grad), "gradient is written in place of the logits"
+    # Without a gradient the per-token path is used: same value, logits untouched.
+    with torch.no_grad():
+        kept = logits.clone()
+        assert_close(cross_entropy(kept, target, reduction=reduction, **kw), loss64,
+                     dtype=torch.float32, what="loss (no grad)")
+
+
+def test_scalar_reduction_edge_cases():
+    logits, target, _ = make(5, 40, torch.float32, seed=9, ignore_every=0)
+    all_ignored = torch.full((5,), IGNORE)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x * 1, all_ignored, reduction="mean")
+    assert torch.isnan(loss)                       # as torch: 0 / 0
+    loss.backward()
+    assert (x.grad == 0).all()
+    y = logits.clone().requires_grad_()
+    loss = cross_entropy(y * 1, target, reduction="sum")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits.clone(), target, reduction="avg")

@@ -58,6 +58,17 @@ def test_inplace_gradient_matches_and_reuses_the_input_memory(dtype):
     assert_close(dx, x64.grad, dtype=dtype, what="inplace dx")
 
 
+def test_inplace_gradient_refuses_a_second_backward():
+    x = torch.randn(4, 10, requires_grad=True)
+    y = swiglu(x * 1, inplace_grad=True)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        y.sum().backward()
+    z = swiglu(x * 1)                      # the default keeps the input: twice is fine
+    z.sum().backward(retain_graph=True)
+    z.sum().backward()
+
+
 def test_noncontiguous_input_and_small_block(monkeypatch):
     """A strided input (every other row) and several column blocks per row with a masked tail."""
     monkeypatch.setattr(swiglu_mod, "BLOCK", 16)

@@ -250,3 +250,24 @@ def test_bf16_with_fp32_master_weights_follows_the_fp32_run(setup):
     from megasyne.checkpoint.hf_convert import MegasyneCheckpoint
 
     assert MegasyneCheckpoint(setup / "bf16" / "checkpoints").validate() == torch.bfloat16
+
+
+def test_trainer_with_the_triton_kernels_follows_the_torch_run_and_checkpoints(setup):
+    """The trainer with all four kernels on (RMSNorm, cross-entropy, RoPE, SwiGLU; Triton
+    interpreter on CPU, TP2) through stage I: the reference's (torch ops) losses; its
+    checkpoint then resumes with the kernels off into stage II onto the reference's losses."""
+    proc = launch(setup, "kernels", "triton_kernels=true", "stop_after_stage=stage1")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    ref, got = records(setup, "ref"), records(setup, "kernels")
+    assert [r["step"] for r in got] == list(range(1, STAGE1_STEPS + 1))
+    # fp32; the kernels sum in another order than torch's ops (measured within 1e-6).
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref[:STAGE1_STEPS]],
+                                                     abs=1e-5)
+    assert [r["data_crc"] for r in got] == [r["data_crc"] for r in ref[:STAGE1_STEPS]]
+    proc = launch(setup, "kernels", "triton_kernels=false")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "resumed from" in proc.stdout
+    got = records(setup, "kernels")
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got[STAGE1_STEPS:]] == pytest.approx(
+        [r["loss"] for r in ref[STAGE1_STEPS:]], abs=1e-5)
