@@ -7,7 +7,8 @@ Each kernel module imports only torch and triton, so it can be used and tested a
 - ``cross_entropy``: ``cross_entropy(logits, target, ...)`` and the drop-in
   ``vocab_parallel_cross_entropy(logits_shard, target, tp_group, ...)`` for Megatron-Core
   (per-token loss, online log-sum-exp, label smoothing, z-loss, ignore_index; the logits
-  tensor is consumed: backward writes the gradient in place).
+  tensor is consumed: backward writes the gradient in place). ``reduction="sum"/"mean"`` on
+  one rank computes the gradient already in the forward, while the row is in L2.
 
 - ``rope``: ``rope(t, freqs)`` for Megatron's [s, b, n, d] layout (rotate-half convention,
   fp32 math, one kernel for both directions); plugged into Megatron-Core's fused-RoPE slot.
