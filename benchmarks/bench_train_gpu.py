@@ -12,7 +12,8 @@ Each step is synchronised and timed on the host; the table gives the median step
 Variants:
 - megasyne/triton: Megatron-Core GPTModel (local spec, SDPA attention), our Triton RMSNorm,
   vocab-parallel cross-entropy, RoPE and SwiGLU, Megatron DDP + optimizer (bf16 params, fp32
-  master, torch's fused AdamW).
+  master, torch's fused AdamW, weight gradients accumulated in fp32 inside the GEMM when the
+  probe of megasyne/model/fusions.py passes; the JSON says whether it did).
 - megasyne/torch: the same with megasyne's kernels off (torch RMSNorm, Megatron's CE,
   Megatron's unfused RoPE and gated activation).
 --grad-accum N runs N micro-batches per optimizer step (the HF baseline too), as a CPT run
@@ -114,8 +115,13 @@ def bench_megasyne(cfg, args, kernels: bool) -> dict:
 
     reset_peak()
     times, losses = timed_steps(step, args.warmup, args.steps)
+    from megasyne.model.fusions import wgrad_accumulation_status
+
     out = dict(step_times_s=times, losses=losses, skipped_steps=sum(skipped),
-               peak_mem_gib=peak_mem(), build_s=build_s)
+               peak_mem_gib=peak_mem(), build_s=build_s,
+               wgrad_fusion=bool(chunks[0].config.gradient_accumulation_fusion),
+               wgrad_fusion_off_because=wgrad_accumulation_status(),
+               rope_fusion=bool(chunks[0].config.apply_rope_fusion))
     if args.profile and kernels and torch.cuda.is_available():
         try:
             out["profile_top"] = profile_one(step)
@@ -307,7 +313,9 @@ def main():
         print(f"{variant}: median step {1e3 * r['step_s']:.1f} ms "
               f"(min {1e3 * min(r['step_times_s']):.1f}, max {1e3 * max(r['step_times_s']):.1f}), "
               f"{r['tokens_per_s']:.0f} tokens/s, build {r['build_s']:.1f} s, wall {r['wall_s']:.1f} s; "
-              f"losses [{losses}]; {'ok' if ok else 'NON-FINITE LOSS OR SKIPPED STEP'}", flush=True)
+              f"losses [{losses}]; {'ok' if ok else 'NON-FINITE LOSS OR SKIPPED STEP'}"
+              + (f"; wgrad fusion {r['wgrad_fusion']} ({r['wgrad_fusion_off_because'] or 'ok'}),"
+                 f" rope fusion {r['rope_fusion']}" if "wgrad_fusion" in r else ""), flush=True)
         for row in r.get("profile_top", []):
             print(f"    {row['self_share']:6.1%} self {row['self_device_ms']:8.2f} ms "
                   f"x{row['calls']:<5d} {row['name']}", flush=True)

@@ -3,7 +3,8 @@
 - Transformer-Engine layer spec: CUDA present and ``import transformer_engine`` succeeds.
 - Otherwise Megatron-Core's local spec with our RMSNorm: Triton kernels on CUDA
   (RMSNorm, vocab-parallel cross-entropy, RoPE, SwiGLU, unless MEGASYNE_KERNELS=0), torch on CPU.
-- apex is never required: gradient-accumulation fusion needs it (or TE) and stays off.
+- apex is never required: gradient-accumulation fusion uses apex's or TE's extension when
+  present, else torch's fp32-output GEMM (megasyne/model/fusions.py) when it works here.
 """
 
 from __future__ import annotations
@@ -22,17 +23,6 @@ def transformer_engine_available() -> bool:
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def apex_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import amp_C  # noqa: F401  (NVIDIA apex's CUDA extension, not PyPI's `apex`)
     except Exception:
         return False
     return True

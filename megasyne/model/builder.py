@@ -33,6 +33,11 @@ class ModelRuntime:
     attention: str | None = None
     """Core attention for the local spec: "sdpa" (torch flash/mem-efficient) or "megatron"
     (DotProductAttention, materialises scores); None = sdpa on CUDA, megatron on CPU."""
+    wgrad_fusion: bool | None = None
+    """Weight gradients accumulated in fp32 inside the GEMM (Megatron's gradient-accumulation
+    fusion; needs Megatron DDP's main_grad, which the trainer always has). None = on with
+    CUDA (apex's, TE's, or ours when its probe passes); True = force ours (also on CPU, for
+    tests); False = off."""
     init_weights: bool = True
     """Random-initialise weights (False when they will be loaded, or to build on the meta device)."""
 
@@ -116,11 +121,20 @@ def transformer_config(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRunti
         persist_layer_norm=False,
         apply_rope_fusion=rope_fusion,
         use_te_activation_func=ours,     # = call the spec's activation module (our SwiGLU)
-        gradient_accumulation_fusion=cuda and (accel.apex_available() or runtime.te_on),
+        gradient_accumulation_fusion=_wgrad_fusion(runtime, cuda),
         use_cpu_initialization=not cuda,
         perform_initialization=runtime.init_weights,
         **recompute,
     )
+
+
+def _wgrad_fusion(runtime: ModelRuntime, cuda: bool) -> bool:
+    if runtime.wgrad_fusion is False:
+        return False
+    if runtime.wgrad_fusion:
+        return fusions.install_wgrad_accumulation(force=True)
+    # install_wgrad_accumulation() keeps apex's extension when Megatron-Core imported it.
+    return cuda and (runtime.te_on or fusions.install_wgrad_accumulation())
 
 
 def layer_spec(cfg: LlamaConfig, config, runtime: ModelRuntime, vp_stage: int | None = None):

@@ -2,7 +2,9 @@
 
 Usage: model_kernels_worker.py OUT_DIR LAYOUT (LAYOUT: "single" on 1 rank, "tp2_sp" on 2).
 With kernels, RMSNorm, cross-entropy, RoPE (Megatron's fused-RoPE slot) and SwiGLU (the
-MLP's activation module) are ours. Both models start from the same full weights (built once, loaded into each) and see the same
+MLP's activation module) are ours. A third run uses torch's ops with megasyne's weight-
+gradient accumulation fusion forced on (its fp32 CPU reference: the wiring into Megatron's
+linear layers and DDP is what runs here; the GPU GEMM is probed where it is used). Both models start from the same full weights (built once, loaded into each) and see the same
 batches; the per-step losses and grad norms of both go to OUT_DIR/<LAYOUT>.pt.
 """
 
@@ -34,8 +36,10 @@ def main(out_dir: str, layout: str) -> None:
     full = gather_full_state(build_model(cfg, dims, ModelRuntime(triton_kernels=False))[0],
                              ps.get_tensor_model_parallel_group())
     results = {}
-    for kernels in (False, True):
-        chunks = build_model(cfg, dims, ModelRuntime(triton_kernels=kernels))
+    variants = {"torch": (False, False), "kernels": (True, False), "wgrad": (False, True)}
+    for name, (kernels, wgrad) in variants.items():
+        chunks = build_model(cfg, dims, ModelRuntime(triton_kernels=kernels, wgrad_fusion=wgrad))
+        assert chunks[0].config.gradient_accumulation_fusion is wgrad
         from megasyne.model.norm import RMSNorm
 
         norms_ = [m for m in chunks[0].modules() if isinstance(m, RMSNorm)]
@@ -53,7 +57,7 @@ def main(out_dir: str, layout: str) -> None:
         # Checkpoints do not depend on the switch: the same sharded keys (Megatron's MLP
         # asks the activation module for its sharded state too).
         keys = sorted(chunks[0].sharded_state_dict().keys())
-        results.setdefault("sharded_keys", {})[kernels] = keys
+        results.setdefault("sharded_keys", {})[name] = keys
         load_full_state(chunks[0], full, ps.get_tensor_model_parallel_rank(), dims.tp)
         ddp = wrap_ddp(chunks, dims)
         optimizer = build_optimizer(ddp, dims, OptimConfig(lr=1e-3, weight_decay=0.1))
@@ -66,9 +70,18 @@ def main(out_dir: str, layout: str) -> None:
                            micro_batch_size=2, seq_length=SEQ)
             losses.append(r.loss)
             norms.append(r.grad_norm)
-        results["kernels" if kernels else "torch"] = dict(losses=losses, grad_norms=norms)
+        results[name] = dict(losses=losses, grad_norms=norms)
+        # With the fusion every linear weight's gradient went into main_grad inside the GEMM
+        # (Megatron marks it so; DDP then skips its own add); without it, none did.
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        linears = [m.weight for m in chunks[0].modules()
+                   if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+        assert linears and all(getattr(w, "grad_added_to_main_grad", False) is wgrad
+                               for w in linears), name
     keys = results.pop("sharded_keys")
-    assert keys[True] == keys[False] and len(keys[True]) > 0, "checkpoint keys depend on kernels"
+    assert keys["kernels"] == keys["torch"] and len(keys["torch"]) > 0, \
+        "checkpoint keys depend on kernels"
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(out_dir, f"{layout}.pt"))
 
