@@ -250,6 +250,7 @@ def main():
 
     if args.dry_run:
         args.seq, args.mbs, args.warmup, args.steps = 32, 2, 1, 2
+        args.grad_accum = min(args.grad_accum, 2)  # the interpreter takes seconds per micro-batch
         cfg = tiny_debug()
     else:
         if not torch.cuda.is_available():
