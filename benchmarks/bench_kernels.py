@@ -413,10 +413,10 @@ def sweep(tokens) -> list[dict]:
         out.append(dict(kernel="rmsnorm fwd", knob="rows/program, warps", value=list(cfg), ms=ms))
     RMS.FORCE.pop("rmsnorm_fwd")
     y = RMS.rmsnorm(x, w)
-    for cfg in RMS.BWD_CANDIDATES + [(8, 8), (2, 4), (2, 32)]:
+    for cfg in RMS.BWD_CANDIDATES + [(8, 8, 1), (2, 4, 1), (2, 32, 1), (2, 8, 4)]:
         RMS.FORCE["rmsnorm_bwd"] = cfg
         ms = time_ms(lambda _: torch.autograd.grad(y, [x, w], dy, retain_graph=True))
-        out.append(dict(kernel="rmsnorm bwd", knob="programs/SM, warps", value=list(cfg), ms=ms))
+        out.append(dict(kernel="rmsnorm bwd", knob="programs/SM, warps, rows/step", value=list(cfg), ms=ms))
     RMS.FORCE.pop("rmsnorm_bwd")
     del x, w, dy
     logits = torch.randn(t, vocab, device=DEV, dtype=torch.bfloat16).requires_grad_()

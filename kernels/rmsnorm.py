@@ -48,10 +48,11 @@ LOOP_BLOCK = 4096
 # Forward: (rows per program, warps). One row per program reloads the weight row from L2 for
 # every row (as much L2 traffic as x itself at H = 4096); 2-4 rows per program share it.
 FWD_CANDIDATES = [(1, None), (2, 8), (4, 8), (4, 16), (8, 16)]
-# Backward: (programs per SM, warps); each program owns a contiguous chunk of rows and one
-# partial dw row. Profiled on an H200 (16384 x 4096 bf16): 2/SM with 8 or 16 warps is best
-# (~120 us, ~80% of copy bandwidth); 1/SM or 32 warps ~45% slower, 4-8/SM ~3% slower.
-BWD_CANDIDATES = [(2, None), (2, 16), (4, 8), (1, 16)]
+# Backward: (programs per SM, warps, rows per loop step); each program owns a contiguous
+# chunk of rows and one partial dw row. Profiled on an H200 (16384 x 4096 bf16, one row per
+# step): 2/SM with 8 or 16 warps is best (~120 us, ~80% of copy bandwidth); 1/SM or 32 warps
+# ~45% slower, 4-8/SM ~3% slower. Two rows per step are not measured yet.
+BWD_CANDIDATES = [(2, None, 1), (2, 16, 1), (4, 8, 1), (1, 16, 1), (2, 16, 2), (1, 16, 2)]
 # The largest [ROWS, BLOCK] tile a forward program may hold (fp32 values).
 MAX_FWD_TILE = 32768
 # Tests set a (name -> config) entry to force one candidate ("rmsnorm_fwd", "rmsnorm_bwd").
@@ -198,6 +199,7 @@ def _rmsnorm_bwd_kernel(
     dw_part_ptr,              # [P, H] fp32 partial dw, one row per program
     n_rows, n_cols, rows_per_program,
     HAS_DRES: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -211,7 +213,30 @@ def _rmsnorm_bwd_kernel(
     x_row = x_ptr + first * x_stride
     dres_row = dres_ptr + first * dres_stride
     dx_row = dx_ptr + first * dx_stride
-    if SINGLE_PASS:
+    if SINGLE_PASS and ROWS > 1:
+        # ROWS rows per loop step ([ROWS, BLOCK] tiles): more loads in flight per program.
+        cmask = cols < n_cols
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r0 in range(row_start, row_end, ROWS):
+            rows = r0 + tl.arange(0, ROWS)
+            rmask = rows < row_end
+            r64 = rows.to(tl.int64)[:, None]
+            mask2 = rmask[:, None] & cmask[None, :]
+            dy = tl.load(dy_ptr + r64 * dy_stride + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + r64 * x_stride + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+            rrms = tl.load(rrms_ptr + rows, mask=rmask, other=0.0)[:, None]     # [ROWS, 1]
+            x_hat = x * rrms
+            g = dy * w[None, :]
+            dx = (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None]) * rrms
+            if HAS_DRES:
+                dx += tl.load(dres_ptr + r64 * dres_stride + cols[None, :], mask=mask2,
+                              other=0.0).to(tl.float32)
+            tl.store(dx_ptr + r64 * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask2)
+            dw_acc += tl.sum(dy * x_hat, axis=0)    # masked rows: dy = 0
+        tl.store(dw_row + cols, dw_acc, mask=cmask)
+    elif SINGLE_PASS:
         mask = cols < n_cols
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         dw_acc = tl.zeros([BLOCK], dtype=tl.float32)  # stays in registers over the chunk
@@ -337,7 +362,7 @@ def rmsnorm_backward(dy, x, weight, rrms, dres=None):
     partials = {}
 
     def launch(cfg):
-        per_sm, warps = cfg
+        per_sm, warps, rows = cfg
         n_prog = _num_bwd_programs(n_rows, x.device, per_sm)
         rows_per_program = triton.cdiv(n_rows, n_prog)
         n_prog = triton.cdiv(n_rows, rows_per_program)  # no empty programs
@@ -348,6 +373,7 @@ def rmsnorm_backward(dy, x, weight, rrms, dres=None):
             dy2, dy2.stride(0), x2, x2.stride(0), w, rrms, dres2, dres2.stride(0),
             dx, dx.stride(0), part, n_rows, n_cols, rows_per_program,
             HAS_DRES=dres is not None, BLOCK=block, SINGLE_PASS=single,
+            ROWS=rows if single and rows * block <= max(MAX_FWD_TILE, block) else 1,
             num_warps=warps or num_warps,
         )
         partials["dw"] = part

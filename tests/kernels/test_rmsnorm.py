@@ -140,7 +140,7 @@ def test_errors():
 
 
 @pytest.mark.parametrize("fwd_cfg", rms_mod.FWD_CANDIDATES, ids=str)
-@pytest.mark.parametrize("bwd_cfg", rms_mod.BWD_CANDIDATES[:2], ids=str)
+@pytest.mark.parametrize("bwd_cfg", [rms_mod.BWD_CANDIDATES[0], (2, 16, 2), (1, 8, 4)], ids=str)
 def test_every_launch_configuration_the_tuner_may_pick(monkeypatch, fwd_cfg, bwd_cfg):
     """Multi-row forward tiles (33 rows: the last tile is partly masked) and every backward
     chunking give the same results; and the fused residual variant with a multi-row tile."""
@@ -152,9 +152,18 @@ def test_every_launch_configuration_the_tuner_may_pick(monkeypatch, fwd_cfg, bwd
     assert_close(dx, dx64, what="dx")
     assert_close(dw, dw64, what="dweight")
     r = torch.randn(33, 100, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
-    y2, h2 = add_rmsnorm(x, r, w)
+    dh = torch.randn(33, 100, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    xk, rk, wk = (t.clone().requires_grad_() for t in (x, r, w))
+    y2, h2 = add_rmsnorm(xk, rk, wk)
+    torch.autograd.backward([y2, h2], [dy, dh])
     assert_close(h2, (x + r).double(), what="h")
-    assert_close(y2, reference(h2, w), what="y (residual)")
+    h64 = h2.detach().double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    y64 = reference(h64, w64)
+    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
+    assert_close(y2, y64, what="y (residual)")
+    assert_close(xk.grad, h64.grad, what="dx (residual)")
+    assert_close(wk.grad, w64.grad, what="dweight (residual)")
 
 
 def test_tuner_times_candidates_once_per_key_and_defaults_off_cuda(monkeypatch):
