@@ -62,21 +62,11 @@ def _settings(n_cols: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _ce_fwd_kernel(
-    logits_ptr, logits_stride,   # [N, Vl] this rank's logits (Vl = V on one rank)
-    target_ptr,                  # [N] int, global ids
-    stats_ptr,                   # [4, N] fp32: max, sum exp(x - max), x_t, sum x (if not FINALIZE)
-    loss_ptr, lse_ptr,           # [N] fp32 (if FINALIZE)
-    n_rows, n_cols, vocab_start, ignore_index,
-    smoothing, z_loss_weight, inv_vocab,
-    FINALIZE: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * logits_stride  # N * V exceeds 2^31 at 8B scale
+def _online_lse_stats(row_ptr, n_cols, BLOCK_V: tl.constexpr):
+    """One read of a row: (max m, sum exp(x - m), sum x), in fp32."""
+    # Online log-sum-exp: running max m and sum d = sum exp(x - m), rescaled whenever the
+    # max grows. The sum of logits feeds label smoothing.
     cols = tl.arange(0, BLOCK_V)
-
-    # Online log-sum-exp (one pass): running max m and sum d = sum exp(x - m), rescaled
-    # whenever the max grows. Sum of logits feeds label smoothing.
     m = float("-inf")
     d = 0.0
     sum_x = 0.0
@@ -88,6 +78,22 @@ def _ce_fwd_kernel(
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
         m = m_new
+    return m, d, sum_x
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr, logits_stride,   # [N, Vl] this rank's logits (Vl = V on one rank)
+    target_ptr,                  # [N] int, global ids
+    stats_ptr,                   # [4, N] fp32: max, sum exp(x - max), x_t, sum x (if not FINALIZE)
+    loss_ptr, lse_ptr,           # [N] fp32 (if FINALIZE)
+    n_rows, n_cols, vocab_start, ignore_index,
+    smoothing, z_loss_weight, inv_vocab,
+    FINALIZE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * logits_stride  # N * V exceeds 2^31 at 8B scale
+    m, d, sum_x = _online_lse_stats(row_ptr, n_cols, BLOCK_V)  # the one pass over the row
 
     # Target logit: one scalar load, only when the target falls in this shard.
     t = tl.load(target_ptr + row).to(tl.int64)
@@ -157,18 +163,7 @@ def _ce_fwd_grad_kernel(
     # of the row follows the first at once, so much of it comes from L2 rather than HBM.
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * logits_stride
-    cols = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    d = 0.0
-    sum_x = 0.0
-    for off in range(0, n_cols, BLOCK_V):
-        c = off + cols
-        mask = c < n_cols
-        x = tl.load(row_ptr + c, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        m = m_new
+    m, d, sum_x = _online_lse_stats(row_ptr, n_cols, BLOCK_V)
     t = tl.load(target_ptr + row).to(tl.int64)
     ignored = t == ignore_index
     x_t = tl.load(row_ptr + tl.where(ignored, 0, t)).to(tl.float32)

@@ -53,8 +53,9 @@ FWD_CANDIDATES = [(1, None), (2, 8), (4, 8), (4, 16), (8, 16)]
 # step): 2/SM with 8 or 16 warps is best (~120 us, ~80% of copy bandwidth); 1/SM or 32 warps
 # ~45% slower, 4-8/SM ~3% slower. Two rows per step are not measured yet.
 BWD_CANDIDATES = [(2, None, 1), (2, 16, 1), (4, 8, 1), (1, 16, 1), (2, 16, 2), (1, 16, 2)]
-# The largest [ROWS, BLOCK] tile a forward program may hold (fp32 values).
-MAX_FWD_TILE = 32768
+# The largest [ROWS, BLOCK] tile a program may hold (fp32 values); candidates with more
+# rows are skipped for that hidden size.
+MAX_TILE = 32768
 # Tests set a (name -> config) entry to force one candidate ("rmsnorm_fwd", "rmsnorm_bwd").
 FORCE: dict[str, tuple] = {}
 _CHOSEN: dict[tuple, tuple] = {}
@@ -103,6 +104,11 @@ def _settings(n_cols: int) -> tuple[int, bool, int]:
     elif block >= 2048:
         num_warps = 8
     return block, single, num_warps
+
+
+def _fitting(candidates: list, block: int, rows_at: int) -> list:
+    """The candidates whose rows (field ``rows_at``) x BLOCK fit MAX_TILE (one row always does)."""
+    return [c for c in candidates if c[rows_at] == 1 or c[rows_at] * block <= MAX_TILE]
 
 
 def _num_bwd_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
@@ -338,9 +344,8 @@ def rmsnorm_forward(x, weight, eps, residual=None):
 
     if n_rows > 0:
         # Pure even with a residual: h = x + residual is rewritten, never read back here.
-        cands = [c for c in FWD_CANDIDATES if c[0] * block <= max(MAX_FWD_TILE, block)]
-        launch(_pick("rmsnorm_fwd", (n_cols, x.dtype, has_res), cands, launch, x.device)
-               if single else (1, None))
+        launch(_pick("rmsnorm_fwd", (n_cols, x.dtype, has_res), _fitting(FWD_CANDIDATES, block, 0),
+                     launch, x.device) if single else (1, None))
     h_out = h.view(shape) if residual is not None else None
     return y.view(shape), h_out, rrms
 
@@ -373,15 +378,17 @@ def rmsnorm_backward(dy, x, weight, rrms, dres=None):
             dy2, dy2.stride(0), x2, x2.stride(0), w, rrms, dres2, dres2.stride(0),
             dx, dx.stride(0), part, n_rows, n_cols, rows_per_program,
             HAS_DRES=dres is not None, BLOCK=block, SINGLE_PASS=single,
-            ROWS=rows if single and rows * block <= max(MAX_FWD_TILE, block) else 1,
+            ROWS=rows,
             num_warps=warps or num_warps,
         )
         partials["dw"] = part
 
     if n_rows == 0:
         return dx.view(shape), torch.zeros_like(weight)
-    launch(_pick("rmsnorm_bwd", (n_cols, x.dtype, dres is not None), BWD_CANDIDATES, launch,
-                 x.device))
+    # The looped variant (rows wider than one tile) takes one row per step.
+    cands = (_fitting(BWD_CANDIDATES, block, 2) if single
+             else [c for c in BWD_CANDIDATES if c[2] == 1])
+    launch(_pick("rmsnorm_bwd", (n_cols, x.dtype, dres is not None), cands, launch, x.device))
     dw_partial = partials["dw"]
     # Stage 2 of the dw reduction: [P, H] -> [H], in fp32, then one rounding.
     dw = dw_partial.sum(0).to(weight.dtype)

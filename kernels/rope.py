@@ -162,10 +162,7 @@ def rope_apply(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, freqs):
-        reason = supported(t, freqs)
-        if reason is not None:
-            raise ValueError(f"rope: {reason}")
+    def forward(ctx, t, freqs):  # inputs checked by the caller (``rope``, or ``supported``)
         cos, sin = _cos_sin(freqs)
         ctx.save_for_backward(cos, sin)   # [s, r] fp32 each: small next to t
         return rope_apply(t, cos, sin)
@@ -184,6 +181,9 @@ class RoPEFunction(torch.autograd.Function):
 def rope(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Apply RoPE to ``t`` [s, b, n, d] with angles ``freqs`` [s, 1, 1, r] (Megatron-Core's
     non-interleaved convention). Output: new contiguous tensor, dtype of t."""
+    reason = supported(t, freqs)
+    if reason is not None:
+        raise ValueError(f"rope: {reason}")
     return RoPEFunction.apply(t, freqs)
 
 

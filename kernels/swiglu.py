@@ -86,8 +86,7 @@ def swiglu_backward(dy: torch.Tensor, x: torch.Tensor, inplace: bool = False) ->
     x2 = _rows(x)
     dy2 = _rows(dy)
     n_rows, n_cols = x2.shape[0], x2.shape[1] // 2
-    write_in_x = inplace and x2.data_ptr() == x.data_ptr() and x.is_contiguous()
-    dx = x2 if write_in_x else torch.empty_like(x2)
+    dx = x2 if inplace and x.is_contiguous() else torch.empty_like(x2)  # x2: a view of x then
     if dx.numel():
         _swiglu_bwd_kernel[(n_rows, triton.cdiv(n_cols, BLOCK))](
             dy2, dy2.stride(0), x2, x2.stride(0), dx, dx.stride(0), n_cols, BLOCK=BLOCK,

@@ -36,11 +36,11 @@ def _fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False,
     """Megatron-Core's ``fused_apply_rotary_pos_emb(t, freqs, interleaved=...)`` signature."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    from megasyne.kernels.rope import rope, supported
+    from megasyne.kernels.rope import RoPEFunction, supported
 
     if interleaved or supported(t, freqs) is not None:
         return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
-    return rope(t, freqs)
+    return RoPEFunction.apply(t, freqs)  # already checked: not again on every call
 
 
 def install_rope_kernel() -> bool:
@@ -129,15 +129,6 @@ def install_wgrad_accumulation(force: bool = False) -> bool:
     layers.fused_weight_gradient_mlp_cuda = WgradAccumulation
     layers._grad_accum_fusion_available = True
     return True
-
-
-def uninstall_wgrad_accumulation() -> None:
-    """Remove ours again (tests)."""
-    from megatron.core.tensor_parallel import layers
-
-    if getattr(layers, "fused_weight_gradient_mlp_cuda", None) is WgradAccumulation:
-        del layers.fused_weight_gradient_mlp_cuda
-        layers._grad_accum_fusion_available = False
 
 
 def wgrad_accumulation_status() -> str | None:

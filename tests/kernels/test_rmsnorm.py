@@ -98,6 +98,25 @@ def test_eps_and_saved_state():
     assert_close(rrms, torch.rsqrt(x.double().pow(2).mean(-1) + 0.5), what="rrms")
 
 
+def check_add_rmsnorm(x, r, w, dy, dh, what=""):
+    """Fused (y, h) = (rmsnorm(x + r), x + r) and the gradients from both outputs into x, r
+    and the weight, against the float64 reference."""
+    xk, rk, wk = (t.clone().requires_grad_() for t in (x, r, w))
+    y, h = add_rmsnorm(xk, rk, wk)
+    torch.autograd.backward([y, h], [dy, dh])
+    # The residual sum is rounded to the activation dtype, as the unfused pair does (within
+    # one ulp: the interpreter truncates); the norm is then checked on the kernel's own h.
+    assert_close(h, (x + r).double(), what="h = x + residual" + what)
+    h64 = h.detach().double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    y64 = reference(h64, w64)
+    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
+    assert_close(y, y64, what="y" + what)
+    assert_close(xk.grad, h64.grad, what="dx" + what)
+    assert_close(rk.grad, h64.grad, what="dresidual" + what)
+    assert_close(wk.grad, w64.grad, what="dweight" + what)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("max_block", [65536, 128], ids=["fused", "looped"])
 def test_add_rmsnorm(monkeypatch, dtype, max_block):
@@ -106,21 +125,7 @@ def test_add_rmsnorm(monkeypatch, dtype, max_block):
     x, w, dy = make((13, 200), dtype, seed=5)
     r = torch.randn(13, 200, generator=torch.Generator().manual_seed(6)).to(dtype)
     dh = torch.randn(13, 200, generator=torch.Generator().manual_seed(7)).to(dtype)
-    xk, rk, wk = (t.clone().requires_grad_() for t in (x, r, w))
-    y, h = add_rmsnorm(xk, rk, wk)
-    torch.autograd.backward([y, h], [dy, dh])
-
-    # The residual sum is rounded to the activation dtype, as the unfused pair does (within
-    # one ulp: the interpreter truncates); the norm is then checked on the kernel's own h.
-    assert_close(h, (x + r).double(), what="h = x + residual")
-    h64 = h.detach().double().requires_grad_()
-    w64 = w.double().requires_grad_()
-    y64 = reference(h64, w64)
-    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
-    assert_close(y, y64, what="y")
-    assert_close(xk.grad, h64.grad, what="dx")
-    assert_close(rk.grad, h64.grad, what="dresidual")
-    assert_close(wk.grad, w64.grad, what="dweight")
+    check_add_rmsnorm(x, r, w, dy, dh)
 
 
 def test_add_rmsnorm_only_residual_output_used():
@@ -153,17 +158,7 @@ def test_every_launch_configuration_the_tuner_may_pick(monkeypatch, fwd_cfg, bwd
     assert_close(dw, dw64, what="dweight")
     r = torch.randn(33, 100, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
     dh = torch.randn(33, 100, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
-    xk, rk, wk = (t.clone().requires_grad_() for t in (x, r, w))
-    y2, h2 = add_rmsnorm(xk, rk, wk)
-    torch.autograd.backward([y2, h2], [dy, dh])
-    assert_close(h2, (x + r).double(), what="h")
-    h64 = h2.detach().double().requires_grad_()
-    w64 = w.double().requires_grad_()
-    y64 = reference(h64, w64)
-    torch.autograd.backward([y64, h64], [dy.double(), dh.double()])
-    assert_close(y2, y64, what="y (residual)")
-    assert_close(xk.grad, h64.grad, what="dx (residual)")
-    assert_close(wk.grad, w64.grad, what="dweight (residual)")
+    check_add_rmsnorm(x, r, w, dy, dh, what=" (residual)")
 
 
 def test_tuner_times_candidates_once_per_key_and_defaults_off_cuda(monkeypatch):
