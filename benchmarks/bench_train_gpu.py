@@ -28,6 +28,9 @@ Checks (fail loudly, and the exit status is 1, but every variant still runs):
 - megasyne/triton and megasyne/torch start from the same weights (re-seeded before each
   build) and see the same batch: their first-step losses (before any update) must agree
   within --loss-rtol. On CUDA no CPU shim is active, so this checks the kernels in place.
+--profile adds one profiled step per variant: kernel time by category (GEMM, attention, our
+kernels, optimizer, copies, other element-wise), the GPU's idle time in the step (host launch
+overhead and syncs), and the top kernels (benchmarks/step_profile.py).
 A variant that raises is recorded with its error and the others still run; the JSON
 (--out) is rewritten after each variant.
 The dry run proves the script end to end on CPU (tiny model, fp32); its numbers mean nothing.
@@ -122,12 +125,7 @@ def bench_megasyne(cfg, args, kernels: bool) -> dict:
                wgrad_fusion=bool(chunks[0].config.gradient_accumulation_fusion),
                wgrad_fusion_off_because=wgrad_accumulation_status(),
                rope_fusion=bool(chunks[0].config.apply_rope_fusion))
-    if args.profile and kernels and torch.cuda.is_available():
-        try:
-            out["profile_top"] = profile_one(step)
-        except Exception as exc:  # a profiler problem must not lose the timings
-            out["profile_error"] = f"{type(exc).__name__}: {exc}"
-            print(f"!! profile failed: {out['profile_error']}", flush=True)
+    maybe_profile(args, out, step)
     del ddp, opt, chunks, batch, step
     free()
     return out
@@ -175,27 +173,23 @@ def bench_hf(cfg, args, bf16_weights: bool = False) -> dict:
     losses = [float(x) for x in losses]  # one sync per step, after the timing
     out = dict(step_times_s=times, losses=losses, skipped_steps=0, peak_mem_gib=peak_mem(),
                build_s=build_s)
+    maybe_profile(args, out, step)
     del model, opt, step
     free()
     return out
 
 
-def profile_one(step_fn, top: int = 20) -> list:
-    """Top CUDA kernels of one step (after the timed ones), by self device time."""
-    from torch.profiler import ProfilerActivity, profile
+def maybe_profile(args, out: dict, step_fn) -> None:
+    """With --profile: one more step under the profiler -> out["profile"] (step_profile.py)."""
+    if not args.profile:
+        return
+    from step_profile import profile_step
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step_fn()
-        sync()
-    rows = []
-    # Rows with self device time are the kernels (and memcpy/memset), not the aten ops.
-    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events) or 1.0
-    for e in events[:top]:
-        rows.append(dict(name=e.key[:90], calls=e.count, self_device_ms=e.self_device_time_total / 1e3,
-                         self_share=e.self_device_time_total / total))
-    return rows
+    try:
+        out["profile"] = profile_step(step_fn)
+    except Exception as exc:  # a profiler problem must not lose the timings
+        out["profile_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"!! profile failed: {out['profile_error']}", flush=True)
 
 
 def reset_peak():
@@ -238,7 +232,8 @@ def main():
     ap.add_argument("--loss-rtol", type=float, default=2e-3,
                     help="first-step loss agreement, kernels on vs off (relative)")
     ap.add_argument("--profile", action="store_true",
-                    help="profile one extra megasyne/triton step: top CUDA kernels")
+                    help="profile one extra step of every variant: kernel time by category, "
+                         "GPU idle time, top kernels (benchmarks/step_profile.py)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -317,9 +312,10 @@ def main():
               f"losses [{losses}]; {'ok' if ok else 'NON-FINITE LOSS OR SKIPPED STEP'}"
               + (f"; wgrad fusion {r['wgrad_fusion']} ({r['wgrad_fusion_off_because'] or 'ok'}),"
                  f" rope fusion {r['rope_fusion']}" if "wgrad_fusion" in r else ""), flush=True)
-        for row in r.get("profile_top", []):
-            print(f"    {row['self_share']:6.1%} self {row['self_device_ms']:8.2f} ms "
-                  f"x{row['calls']:<5d} {row['name']}", flush=True)
+        if "profile" in r:
+            from step_profile import format_report
+
+            print(format_report(r["profile"]), flush=True)
         save()
 
     on, off = results.get("megasyne/triton"), results.get("megasyne/torch")

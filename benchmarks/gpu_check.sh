@@ -141,6 +141,11 @@ for name in ("bench_train.json", "bench_train_ga4.json", "bench_train_mbs8.json"
         ratio = f"{r['tokens_per_s'] / base:.2f}x hf" if base else ""
         print(f"  {v:16s} {1e3 * r['step_s']:7.1f} ms {r['tokens_per_s']:8.0f} tok/s MFU {mfu} "
               f"mem {r['peak_mem_gib'] or 0:.1f} GiB {ratio} loss0 {r['losses'][0]:.4f}")
+        p = r.get("profile")
+        if p:  # where the step's time went (benchmarks/step_profile.py)
+            cats = ", ".join(f"{k} {c['ms']:.1f}" for k, c in p["categories"].items())
+            print(f"  {'':16s} profile: step {p['wall_ms']:.1f} ms = busy {p['busy_ms']:.1f} "
+                  f"+ idle {p['idle_ms']:.1f}; {cats}")
     for v, e in d.get("errors", {}).items():
         print(f"  {v:16s} FAILED {e[:200]}")
     print("  checks:", d.get("checks"), "| first loss:", d.get("first_loss_on_off"),
