@@ -17,6 +17,7 @@
 #      RMSNorm launch tuner's choices                                              -> bench_kernels.json
 #   3. bench_train_gpu.py at 4 micro-batches of 4 per step (gradient accumulation, the way a
 #      CPT run trains; same for HF), if time is left                              -> bench_train_ga4.json
+#   3b. the same tokens per step as 2 micro-batches of 8 (larger GEMMs)          -> bench_train_mbs8_ga2.json
 #   4. python setup.py build_ext (csrc/) in a copy, then import megasyne._csrc
 set -u -o pipefail
 
@@ -128,7 +129,8 @@ summary() {
   (cd /tmp && OUT="$OUT" "$PY" - <<'EOF'
 import json, os
 out = os.environ["OUT"]
-for name in ("bench_train.json", "bench_train_ga4.json", "bench_train_mbs8.json"):
+for name in ("bench_train.json", "bench_train_ga4.json", "bench_train_mbs8_ga2.json",
+             "bench_train_mbs8.json"):
     path = os.path.join(out, name)
     if not os.path.exists(path):
         print(f"{name}: missing")
@@ -211,6 +213,14 @@ main() {
       --warmup 2 --steps 4 --variants megasyne/triton,hf --out "$OUT/bench_train_ga4.json"
   else
     echo "!!! skipped bench_train_ga4: $(elapsed)s elapsed"; STATUS="$STATUS bench_train_ga4=skipped"
+  fi
+
+  if [ "$(elapsed)" -lt $((BUDGET_S - 90)) ]; then  # the same tokens per step, larger GEMMs
+    step bench_train_mbs8_ga2 90 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --mbs 8 \
+      --grad-accum 2 --warmup 2 --steps 4 --variants megasyne/triton,hf \
+      --out "$OUT/bench_train_mbs8_ga2.json"
+  else
+    echo "!!! skipped bench_train_mbs8_ga2: $(elapsed)s elapsed"; STATUS="$STATUS bench_train_mbs8_ga2=skipped"
   fi
 
   if [ "$(elapsed)" -lt $((BUDGET_S - 60)) ]; then

@@ -157,6 +157,9 @@ def layer_spec(cfg: LlamaConfig, config, runtime: ModelRuntime, vp_stage: int | 
     spec.submodules.pre_mlp_layernorm = norm
     if runtime.kernels_on:  # read by MLP because transformer_config set use_te_activation_func
         spec.submodules.mlp.submodules.activation_func = fusions.SwiGLU
+        from megasyne.model.layer import FusedResidualNormLayer
+
+        spec.module = FusedResidualNormLayer  # attention residual add + pre-MLP norm: one kernel
     if runtime.attention_backend == "sdpa":
         from megasyne.model.attention import SDPAttention
 

@@ -1,11 +1,13 @@
 """Trains tiny_debug 3 steps with torch ops and again with our Triton kernels (interpreter).
 
 Usage: model_kernels_worker.py OUT_DIR LAYOUT (LAYOUT: "single" on 1 rank, "tp2_sp" on 2).
-With kernels, RMSNorm, cross-entropy, RoPE (Megatron's fused-RoPE slot) and SwiGLU (the
-MLP's activation module) are ours. A third run uses torch's ops with megasyne's weight-
-gradient accumulation fusion forced on (its fp32 CPU reference: the wiring into Megatron's
-linear layers and DDP is what runs here; the GPU GEMM is probed where it is used). Both models start from the same full weights (built once, loaded into each) and see the same
-batches; the per-step losses and grad norms of both go to OUT_DIR/<LAYOUT>.pt.
+With kernels, RMSNorm, the fused residual-add + RMSNorm layer, cross-entropy, RoPE
+(Megatron's fused-RoPE slot) and SwiGLU (the MLP's activation module) are ours. A third run
+uses torch's ops with megasyne's weight-gradient accumulation fusion forced on (its fp32 CPU
+reference: the wiring into Megatron's linear layers and DDP is what runs here; the GPU GEMM
+is probed where it is used). All start from the same full weights (built once, loaded into
+each) and see the same batches; the per-step losses and grad norms go to
+OUT_DIR/<LAYOUT>.pt.
 """
 
 import os
@@ -53,6 +55,12 @@ def main(out_dir: str, layout: str) -> None:
         swiglus = [m for m in chunks[0].modules() if isinstance(m, SwiGLU)]
         assert len(swiglus) == (cfg.num_layers if kernels else 0)
         assert chunks[0].config.apply_rope_fusion is kernels
+        # With the kernels the attention residual add and the pre-MLP norm are one kernel.
+        from megasyne.model.layer import FusedResidualNormLayer
+
+        layers = list(chunks[0].decoder.layers)
+        assert all(isinstance(l, FusedResidualNormLayer) is kernels for l in layers)
+        assert not kernels or all(l.fused_reason is None for l in layers)
         assert not kernels or rope_utils.fused_apply_rotary_pos_emb is _fused_rope
         # Checkpoints do not depend on the switch: the same sharded keys (Megatron's MLP
         # asks the activation module for its sharded state too).
