@@ -29,10 +29,11 @@ SciEval's few-shot group, or ``"all"``), docs in file order, each with a ``sourc
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import re
 from pathlib import Path
+
+from megasyne.jsonl import read_jsonl
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -156,18 +157,7 @@ def load_cmmlu(root: str | Path, split: str) -> dict[str, list[dict]]:
 # --------------------------------------------------------------------------- JSON helpers
 
 def _jsonl(path: Path):
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(f"{path}:{line}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise EvalDataError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}")
-            yield line, rec
+    return read_jsonl(path, EvalDataError)
 
 
 def _field(rec: dict, key: str, where: str, kind=str):

@@ -20,6 +20,7 @@ import numpy as np
 
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
+from megasyne.jsonl import read_jsonl
 from megasyne.syne.blocks import BlockStore
 from megasyne.syne.ppl import document_tokens
 from megasyne.syne.topics import (
@@ -114,16 +115,10 @@ def label_jsonl(input_path: str, output_path: str, clf: TopicClassifier, featuri
                 text_key: str = "text", field: str = "topic", batch_size: int = 64) -> dict:
     """Copy a JSONL file adding ``field`` (topic id) and ``<field>_confidence`` to each record."""
     records = []
-    with open(input_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TopicError(f"{input_path}:{n}: not JSON ({exc})") from None
-                if not isinstance(rec.get(text_key), str):
-                    raise TopicError(f"{input_path}:{n}: no string field {text_key!r}")
-                records.append(rec)
+    for n, rec in read_jsonl(input_path, TopicError):
+        if not isinstance(rec.get(text_key), str):
+            raise TopicError(f"{input_path}:{n}: no string field {text_key!r}")
+        records.append(rec)
     idx, conf = predict_texts(clf, featurizer, [r[text_key] for r in records], batch_size)
     tmp = f"{output_path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:

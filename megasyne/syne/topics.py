@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megasyne.jsonl import read_jsonl
+
 FEATURES = ("minilm", "ngrams", "minilm+ngrams")
 TOPIC_ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 NGRAM_DIM = 1 << 16
@@ -166,22 +168,15 @@ def read_labelled(path: str | os.PathLike, taxonomy: Taxonomy, lang: str | None 
                   ) -> list[LabelledDoc]:
     """Labelled documents (JSONL ``{"lang", "topic", "text"}``), checked against the taxonomy."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TopicError(f"{where}: not JSON ({exc})") from None
-            doc = LabelledDoc(lang=_req(rec, "lang", where), topic=_req(rec, "topic", where),
-                              text=_req(rec, "text", where), where=where)
-            if doc.topic not in taxonomy[doc.lang].ids:
-                raise TopicError(f"{where}: topic {doc.topic!r} is not a {doc.lang} topic of "
-                                 f"{taxonomy.path} ({taxonomy[doc.lang].ids})")
-            if lang is None or doc.lang == lang:
-                out.append(doc)
+    for n, rec in read_jsonl(path, TopicError):
+        where = f"{path}:{n}"
+        doc = LabelledDoc(lang=_req(rec, "lang", where), topic=_req(rec, "topic", where),
+                          text=_req(rec, "text", where), where=where)
+        if doc.topic not in taxonomy[doc.lang].ids:
+            raise TopicError(f"{where}: topic {doc.topic!r} is not a {doc.lang} topic of "
+                             f"{taxonomy.path} ({taxonomy[doc.lang].ids})")
+        if lang is None or doc.lang == lang:
+            out.append(doc)
     return out
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megasyne.atomic import atomic_write_json, atomic_write_text
+from megasyne.jsonl import read_jsonl
 from megasyne.syne.synth.filters import Contamination, NearDuplicates, parse_qa, validate
 from megasyne.syne.synth.templates import Disciplines
 
@@ -84,26 +85,19 @@ def read_seed_pages(path: str, disciplines: Disciplines, *, lang: str = "en",
                     only: list[str] | None = None) -> tuple[list[Seed], dict]:
     """Seeds from JSONL pages ``{"text", "id"?, "discipline"? | "topic"?, "lang"?}``."""
     seeds, skipped = [], {"no_discipline": 0, "other_discipline": 0}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SynthError(f"{path}:{n}: not JSON ({exc})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise SynthError(f"{path}:{n}: expected an object with a string 'text'")
-            d = disciplines.route(discipline=rec.get("discipline"), topic=rec.get("topic"),
-                                  text=rec["text"])
-            if d is None:
-                skipped["no_discipline"] += 1
-                continue
-            if only and d not in only:
-                skipped["other_discipline"] += 1
-                continue
-            seeds.append(Seed(id=str(rec.get("id", f"{Path(path).name}:{n}")), text=rec["text"],
-                              discipline=d, lang=str(rec.get("lang", lang)), source=f"{path}:{n}"))
+    for n, rec in read_jsonl(path, SynthError):
+        if not isinstance(rec.get("text"), str):
+            raise SynthError(f"{path}:{n}: expected an object with a string 'text'")
+        d = disciplines.route(discipline=rec.get("discipline"), topic=rec.get("topic"),
+                              text=rec["text"])
+        if d is None:
+            skipped["no_discipline"] += 1
+            continue
+        if only and d not in only:
+            skipped["other_discipline"] += 1
+            continue
+        seeds.append(Seed(id=str(rec.get("id", f"{Path(path).name}:{n}")), text=rec["text"],
+                          discipline=d, lang=str(rec.get("lang", lang)), source=f"{path}:{n}"))
     return seeds, skipped
 
 
