@@ -218,6 +218,27 @@ def check_correctness() -> list[dict]:
         for what, a, e in (("y", y, y64), ("dx", dx, dx64), ("dweight", dw, dw64)):
             ok, rel = within_ulp(a, e, dtype)
             out.append(dict(kernel="rmsnorm", shape=[rows, h], dtype=str(dtype), what=what, ok=ok, max_rel=rel))
+    # Fused residual add + RMSNorm (the model's layers use it): h = x + r rounded to the dtype
+    # (within 1 ulp of the exact sum), then y, dx = dres + the norm's input gradient, dweight
+    # within 1 ulp of float64 on that h. (Not against torch's bf16 add: the Triton interpreter
+    # rounds fp32 -> bf16 toward zero where a GPU rounds to nearest, so h may differ by 1 ulp.)
+    for rows, h, dtype in ((257, hidden, torch.bfloat16), (33, 1000, torch.float32)):
+        x, r = ((2 * torch.randn(rows, h, generator=g)).to(DEV, dtype) for _ in range(2))
+        w = (1 + 0.2 * torch.randn(h, generator=g)).to(DEV, dtype)
+        dy, dres = (torch.randn(rows, h, generator=g).to(DEV, dtype) for _ in range(2))
+        xk, rk, wk = (t.clone().requires_grad_() for t in (x, r, w))
+        y, hsum = RMS.add_rmsnorm(xk, rk, wk, 1e-5)
+        dx, dr, dw = torch.autograd.grad((y, hsum), [xk, rk, wk], (dy, dres))
+        h64 = hsum.detach().double().requires_grad_()
+        w64 = w.double().requires_grad_()
+        y64 = w64 * h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5)
+        dh64, dw64 = torch.autograd.grad(y64, [h64, w64], dy.double())
+        dx64 = dh64 + dres.double()
+        for what, a, e in (("y", y, y64), ("h", hsum, x.double() + r.double()), ("dx", dx, dx64),
+                           ("dresidual", dr, dx64), ("dweight", dw, dw64)):
+            ok, rel = within_ulp(a, e, dtype)
+            out.append(dict(kernel="add_rmsnorm", shape=[rows, h], dtype=str(dtype), what=what,
+                            ok=ok, max_rel=rel))
     vocab = 1000 if ARGS.dry_run else LLAMA3_8B["vocab"]
     for n, v, dtype, ls, z in ((64, vocab // 8, torch.bfloat16, 0.1, 1e-4), (33, 1023, torch.float32, 0.0, 0.0),
                                (4, vocab, torch.bfloat16, 0.0, 1e-4)):
@@ -352,6 +373,19 @@ def run_cases(tokens, splits) -> list[dict]:
         for name, (fn, own_w) in rms.items():
             grad_of = (lambda i: [i[0], i[1]]) if own_w is None else (lambda i, w=own_w: [i[0], w])
             rows.append(measure("rmsnorm", (t, hidden), name, fn, make_x, grad_of, ideal))
+            print_progress(rows[-1])
+    for t in tokens:
+        def make_xr(t=t):
+            g = torch.Generator(device=DEV).manual_seed(4)
+            x, r = (torch.randn(t, hidden, device=DEV, dtype=dtype, generator=g).requires_grad_()
+                    for _ in range(2))
+            w = (1 + 0.1 * torch.randn(hidden, device=DEV, generator=g)).to(dtype).requires_grad_()
+            return x, r, w
+        unit = t * hidden * dtype.itemsize  # fwd: read x, r; write y, h. bwd: read dy, dh, h; write dx
+        for name, (fn, own_w) in impls.add_rmsnorm_impls(hidden).items():
+            grad_of = (lambda i: list(i)) if own_w is None else (lambda i, w=own_w: [i[0], i[1], w])
+            rows.append(measure("add+rmsnorm", (t, hidden), name, fn, make_xr, grad_of,
+                                (4 * unit, 4 * unit)))
             print_progress(rows[-1])
     for t in tokens:
         for k in splits:

@@ -66,6 +66,36 @@ def rmsnorm_impls(hidden):
     return impls
 
 
+def add_rmsnorm_impls(hidden):
+    """name -> (fn(x, r, w) -> (rmsnorm(x + r), x + r), own weight or None): the residual add
+    of a transformer layer and the norm that follows it."""
+    eps = LLAMA3_8B["eps"]
+
+    def unfused_ours(x, r, w):  # Megatron's layer with our RMSNorm, before the fused layer
+        h = x + r
+        return RMS.rmsnorm(h, w, eps), h
+
+    def eager(x, r, w):
+        h = x + r
+        return torch_rmsnorm(h, w), h
+
+    impls = {"megasyne triton (fused add)": (lambda x, r, w: RMS.add_rmsnorm(x, r, w, eps), None),
+             "torch add + megasyne rmsnorm": (unfused_ours, None),
+             "torch eager": (eager, None)}
+
+    def liger():
+        from liger_kernel.transformers.fused_add_rms_norm import LigerFusedAddRMSNorm
+        mod = LigerFusedAddRMSNorm(hidden, eps=eps).to(DEV, torch.bfloat16)
+        return (lambda x, r, w: mod(x, r)), mod.weight
+
+    entry = optional("liger fused add RMSNorm", liger)
+    if entry is not None:
+        impls["liger fused add RMSNorm"] = entry
+    if not NO_COMPILE:
+        impls["torch.compile"] = (compile_fn(eager), None)
+    return impls
+
+
 def init_megatron():
     """World-1 process group + Megatron parallel state for its CE functions."""
     import socket

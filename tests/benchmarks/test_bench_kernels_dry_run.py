@@ -23,11 +23,13 @@ def test_bench_kernels_dry_run(tmp_path):
     report = json.loads(out.read_text())
     checks = report["correctness"]
     assert checks and all(c["ok"] for c in checks)
-    assert {c["kernel"] for c in checks} == {"rmsnorm", "cross_entropy", "rope", "swiglu"}
+    assert {c["kernel"] for c in checks} == {"rmsnorm", "add_rmsnorm", "cross_entropy", "rope",
+                                             "swiglu"}
     ours = {(r["kernel"], r["impl"]) for r in report["results"] if "fwd_bwd_ms" in r}
-    for kernel in ("rmsnorm", "cross_entropy", "rope q+k", "swiglu"):
+    for kernel in ("rmsnorm", "add+rmsnorm", "cross_entropy", "rope q+k", "swiglu"):
         assert (kernel, "megasyne triton") in ours, kernel
     assert ("cross_entropy", "megasyne triton (mean)") in ours
     assert ("rope q+k", "megatron-core unfused RoPE") in ours
+    assert ("add+rmsnorm", "torch add + megasyne rmsnorm") in ours
     assert all({"fwd_gbs", "bwd_gbs", "gbs"} <= set(r) for r in report["results"]
                if "fwd_bwd_ms" in r)
