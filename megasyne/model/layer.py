@@ -36,8 +36,8 @@ class FusedResidualNormLayer(TransformerLayer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fused_reason = self._why_not_fused()
-        """None when the fused path is used, else why Megatron's forward runs."""
+        # None when the fused path is used, else why Megatron's forward runs.
+        self.fused_reason: str | None = self._why_not_fused()
 
     def _why_not_fused(self) -> str | None:
         norm, config = self.pre_mlp_layernorm, self.config
