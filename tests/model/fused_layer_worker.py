@@ -69,4 +69,16 @@ for case, kw in CASES.items():
         for path, (_, grads, _) in out.items():
             result[case][f"{path}_err_vs_fp32"] = max(
                 ((grads[n] - reference[n]).norm() / reference[n].norm()).item() for n in grads)
+# What the fused path does not cover sends the layer to Megatron's forward, with the reason.
+layer = layers[0]
+reasons = {}
+for name, attr, value, owner in (("dropout", "hidden_dropout", 0.1, layer),
+                                 ("torch norm", "use_kernel", False, layer.pre_mlp_layernorm),
+                                 ("norm recompute", "recompute_pre_mlp_layernorm", True, layer)):
+    old = getattr(owner, attr)
+    setattr(owner, attr, value)
+    reasons[name] = layer._why_not_fused()
+    setattr(owner, attr, old)
+reasons["as built"] = layer._why_not_fused()
+result["reasons"] = reasons
 print("RESULT " + json.dumps(result))

@@ -43,3 +43,11 @@ def test_bf16_fused_layer_is_as_close_to_fp32(result):
     # measured: fused 1.4e-2, Megatron's path 1.6e-2 (relative gradient error, worst tensor)
     assert r["fused_err_vs_fp32"] <= 1.1 * r["megatron_err_vs_fp32"], r
     assert r["megatron_err_vs_fp32"] < 0.05, r
+
+
+def test_what_the_fused_path_does_not_cover_runs_megatrons_forward(result):
+    r = result["reasons"]
+    assert r["as built"] is None
+    assert "dropout" in r["dropout"]
+    assert "Triton RMSNorm" in r["torch norm"]
+    assert "recomputation" in r["norm recompute"]
