@@ -148,6 +148,9 @@ for name in ("bench_train.json", "bench_train_ga4.json", "bench_train_mbs8_ga2.j
             cats = ", ".join(f"{k} {c['ms']:.1f}" for k, c in p["categories"].items())
             print(f"  {'':16s} profile: step {p['wall_ms']:.1f} ms = busy {p['busy_ms']:.1f} "
                   f"+ idle {p['idle_ms']:.1f}; {cats}")
+            if p.get("host_syncs"):
+                print(f"  {'':16s} host syncs: {p['host_syncs']['count']} "
+                      f"({'; '.join(p['host_syncs']['sites'][:4])})")
     for v, e in d.get("errors", {}).items():
         print(f"  {v:16s} FAILED {e[:200]}")
     print("  checks:", d.get("checks"), "| first loss:", d.get("first_loss_on_off"),

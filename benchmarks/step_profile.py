@@ -8,7 +8,9 @@ profiles one step and answers both:
 - ``busy_ms``: the sum of every kernel's device time (one stream, so no double counting
   of overlap worth mentioning); ``idle_ms`` = host wall time of the step - busy_ms;
 - ``categories``: busy time split into GEMM, attention, our Triton kernels, optimizer,
-  copies/casts and other element-wise work, by kernel name (``kernel_category``).
+  copies/casts and other element-wise work, by kernel name (``kernel_category``);
+- ``host_syncs`` (CUDA): in one more step, how often the host waited for the GPU and on
+  which Python lines (``torch.cuda.set_sync_debug_mode("warn")``): each is a queue drain.
 
 On a CPU (the dry run) the same report is made from the aten ops' self CPU time, so the
 code path is exercised in CI; its numbers mean nothing.
@@ -16,6 +18,7 @@ code path is exercised in CI; its numbers mean nothing.
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -90,12 +93,45 @@ def profile_step(step_fn, top: int = 25) -> dict:
         rows.append((e.key, e.count, ms))
     report = summarise(rows, wall_ms, top)
     report["device"] = "cuda" if cuda else "cpu (dry run: aten ops' self CPU time)"
+    report["host_syncs"] = count_host_syncs(step_fn)  # a separate step: no profiler in it
     return report
+
+
+def sync_sites(caught: list, top: int = 8) -> dict:
+    """{count, sites: ["file:line xN", ...]} from warnings recorded under
+    ``torch.cuda.set_sync_debug_mode("warn")`` (each names the Python line that synced)."""
+    from collections import Counter
+
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    sites = Counter(f"{os.path.relpath(w.filename) if os.path.isabs(w.filename) else w.filename}"
+                    f":{w.lineno}" for w in syncs)
+    return dict(count=len(syncs), sites=[f"{k} x{n}" for k, n in sites.most_common(top)])
+
+
+def count_host_syncs(step_fn) -> dict | None:
+    """Run one more step with CUDA's sync debug mode on: how many times the host waited for
+    the GPU (.item(), .cpu(), a copy to pageable memory, ...) and where. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step_fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sync_sites(caught)
 
 
 def format_report(report: dict) -> str:
     lines = [f"    step {report['wall_ms']:.1f} ms: kernels busy {report['busy_ms']:.1f} ms, "
              f"idle {report['idle_ms']:.1f} ms, {report['kernel_launches']} launches"]
+    syncs = report.get("host_syncs")
+    if syncs is not None:
+        lines.append(f"    host syncs in a step: {syncs['count']} ({'; '.join(syncs['sites'])})")
     for name, c in report["categories"].items():
         share = c["share_of_step"] or 0.0
         lines.append(f"    {share:6.1%} {c['ms']:8.2f} ms x{c['calls']:<6d} {name}")

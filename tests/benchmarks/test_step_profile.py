@@ -57,3 +57,20 @@ def test_bench_train_dry_run_with_profile(tmp_path):
         assert prof["busy_ms"] > 0 and prof["wall_ms"] >= prof["busy_ms"] * 0.5, variant
         assert "gemm" in prof["categories"], (variant, prof["top"])
     assert "idle" in proc.stdout
+
+
+def test_sync_sites_counts_the_synchronising_lines():
+    import warnings
+
+    from step_profile import sync_sites
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            warnings.warn_explicit("called a synchronizing CUDA operation", UserWarning,
+                                   "megasyne/training/step.py", 117)
+        warnings.warn_explicit("called a synchronizing CUDA operation", UserWarning,
+                               "megatron/core/optimizer/clip_grads.py", 99)
+        warnings.warn_explicit("something else", UserWarning, "x.py", 1)
+    assert sync_sites(caught) == dict(count=4, sites=["megasyne/training/step.py:117 x3",
+                                                      "megatron/core/optimizer/clip_grads.py:99 x1"])
