@@ -201,6 +201,11 @@ def within_ulp(actual, expected, dtype) -> tuple[bool, float]:
     return bool((err <= bound).all()), float((err / (e.abs() + 1e-30)).max())
 
 
+def rmsnorm64(x64, w64, eps=1e-5):
+    """The float64 RMSNorm reference of the correctness checks."""
+    return w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def check_correctness() -> list[dict]:
     out = []
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -213,7 +218,7 @@ def check_correctness() -> list[dict]:
         y = RMS.rmsnorm(xk, wk, 1e-5)
         dx, dw = torch.autograd.grad(y, [xk, wk], dy)
         x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-        y64 = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y64 = rmsnorm64(x64, w64)
         dx64, dw64 = torch.autograd.grad(y64, [x64, w64], dy.double())
         for what, a, e in (("y", y, y64), ("dx", dx, dx64), ("dweight", dw, dw64)):
             ok, rel = within_ulp(a, e, dtype)
@@ -231,7 +236,7 @@ def check_correctness() -> list[dict]:
         dx, dr, dw = torch.autograd.grad((y, hsum), [xk, rk, wk], (dy, dres))
         h64 = hsum.detach().double().requires_grad_()
         w64 = w.double().requires_grad_()
-        y64 = w64 * h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y64 = rmsnorm64(h64, w64)
         dh64, dw64 = torch.autograd.grad(y64, [h64, w64], dy.double())
         dx64 = dh64 + dres.double()
         for what, a, e in (("y", y, y64), ("h", hsum, x.double() + r.double()), ("dx", dx, dx64),

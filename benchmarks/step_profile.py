@@ -51,9 +51,10 @@ def summarise(events: list[tuple[str, int, float]], wall_ms: float, top: int = 2
     """Report from (name, calls, self time ms) rows of one profiled step."""
     events = sorted((e for e in events if e[2] > 0), key=lambda e: e[2], reverse=True)
     busy = sum(e[2] for e in events)
+    category = {name: kernel_category(name) for name, _, _ in events}
     categories: dict[str, dict] = {}
     for name, calls, ms in events:
-        c = categories.setdefault(kernel_category(name), dict(ms=0.0, calls=0, kernels=0))
+        c = categories.setdefault(category[name], dict(ms=0.0, calls=0, kernels=0))
         c["ms"] += ms
         c["calls"] += calls
         c["kernels"] += 1
@@ -64,7 +65,7 @@ def summarise(events: list[tuple[str, int, float]], wall_ms: float, top: int = 2
         wall_ms=wall_ms, busy_ms=busy, idle_ms=max(wall_ms - busy, 0.0),
         kernel_launches=sum(e[1] for e in events),
         categories=categories,
-        top=[dict(name=n[:90], calls=c, self_ms=ms, category=kernel_category(n),
+        top=[dict(name=n[:90], calls=c, self_ms=ms, category=category[n],
                   share_of_step=ms / wall_ms if wall_ms > 0 else None)
              for n, c, ms in events[:top]],
     )
@@ -103,8 +104,7 @@ def sync_sites(caught: list, top: int = 8) -> dict:
     from collections import Counter
 
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    sites = Counter(f"{os.path.relpath(w.filename) if os.path.isabs(w.filename) else w.filename}"
-                    f":{w.lineno}" for w in syncs)
+    sites = Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in syncs)
     return dict(count=len(syncs), sites=[f"{k} x{n}" for k, n in sites.most_common(top)])
 
 

@@ -156,10 +156,6 @@ def load_cmmlu(root: str | Path, split: str) -> dict[str, list[dict]]:
 
 # --------------------------------------------------------------------------- JSON helpers
 
-def _jsonl(path: Path):
-    return read_jsonl(path, EvalDataError)
-
-
 def _field(rec: dict, key: str, where: str, kind=str):
     if key not in rec:
         raise EvalDataError(f"{where}: field '{key}' is missing")
@@ -251,7 +247,7 @@ def load_gsm8k(root: str | Path, split: str) -> dict[str, list[dict]]:
     """GSM8K jsonl: {question, answer}; the answer's last line is ``#### <number>``."""
     path = gsm8k_file(Path(root), split)
     docs = []
-    for line, rec in _jsonl(path):
+    for line, rec in read_jsonl(path, EvalDataError):
         where = f"{path}:{line}"
         answer = _field(rec, "answer", where)
         m = _GSM_TARGET.search(answer.strip())
@@ -284,10 +280,10 @@ def load_math(root: str | Path, split: str) -> dict[str, list[dict]]:
     """Hendrycks MATH: ``<split>/<type>/<n>.json`` files or a ``<split>.jsonl`` file."""
     root = Path(root)
     if root.is_file():
-        records = list(_jsonl(root))
+        records = list(read_jsonl(root, EvalDataError))
         paths = [f"{root}:{line}" for line, _ in records]
     elif (root / f"{split}.jsonl").is_file():
-        records = list(_jsonl(root / f"{split}.jsonl"))
+        records = list(read_jsonl(root / f"{split}.jsonl", EvalDataError))
         paths = [f"{root / f'{split}.jsonl'}:{line}" for line, _ in records]
     else:
         split_dir = _require_dir(root / split, f"math split '{split}' (or {split}.jsonl)")
@@ -335,7 +331,7 @@ def load_humaneval(root: str | Path, split: str | None = None) -> dict[str, list
         path = found[0]
     _require_file(path, "humaneval")
     docs = []
-    for line, rec in _jsonl(path):
+    for line, rec in read_jsonl(path, EvalDataError):
         where = f"{path}:{line}"
         doc = {k: _field(rec, k, where) for k in HUMANEVAL_FIELDS}
         doc.update(id=doc["task_id"], canonical_solution=str(rec.get("canonical_solution", "")),

@@ -48,16 +48,19 @@ def lm_loss_func(loss_mask: torch.Tensor, source: torch.Tensor | None, num_sourc
     return loss_sum, per_seq_tokens.sum().to(torch.int), report
 
 
+def _upload(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Pinned first: a copy from pageable memory may wait for the GPU's queued work (a drain
+    before every micro-batch); from pinned memory it is queued like a kernel."""
+    return (t.pin_memory() if t.device.type == "cpu" else t).to(dev, non_blocking=True)
+
+
 def gpt_forward_step(data_iterator: Iterator[dict], model, *, num_sources: int = 0,
                      inject_nan: bool = False) -> tuple:
     """Megatron forward_step_func for batches made by ``megasyne.training.data``."""
     batch = next(data_iterator)
     if torch.cuda.is_available():  # batches are built on the CPU from memory-mapped data
-        # Pinned first: a copy from pageable memory may wait for the GPU's queued work (a
-        # drain before every micro-batch); from pinned memory it is queued like a kernel.
         dev = torch.device("cuda", torch.cuda.current_device())
-        batch = {k: (v.pin_memory() if v.device.type == "cpu" else v).to(dev, non_blocking=True)
-                 if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = {k: _upload(v, dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(lm_loss_func, batch["loss_mask"], batch.get("source"), num_sources,
                            inject_nan)
