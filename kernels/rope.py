@@ -142,9 +142,12 @@ def rope_apply(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     block_h = triton.next_power_of_2(half)
     block_n = triton.next_power_of_2(n)
     block_p = triton.next_power_of_2(d - rot_dim) if d > rot_dim else 0
-    # ~2 x n x r/2 values per program: 4 warps up to 4K, more for wide rows (e.g. 32 heads x 64).
+    # Warps so that each thread holds >= 8 values of the [BLOCK_N, BLOCK_H] tile: then its
+    # loads and stores are 16-byte vectors in bf16. With a fixed 4 warps the key heads of
+    # TinyLlama (4 x 32 tile) got 1 value per thread and compiled to 2-byte scalar accesses
+    # (benchmarks/kernel_resources.py, sm_90 PTX); 1 warp gives 4 per thread there.
     tile = block_n * block_h
-    num_warps = 4 if tile <= 4096 else 8 if tile <= 16384 else 16
+    num_warps = max(1, min(16, tile // 256))
     _rope_kernel[(s * b,)](
         t, t.stride(0), t.stride(1), t.stride(2),
         out, out.stride(0), out.stride(1), out.stride(2),
