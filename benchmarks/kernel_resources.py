@@ -27,8 +27,9 @@ and its rescale, at vocab 32000 and 128256 whole and split 2/4/8, and 1023; RoPE
 backward at TinyLlama and Llama-3-8B q/k shapes (and a TP shard, and a partial rotary dim);
 SwiGLU forward and backward (also in place) at FFN 5632 and 14336 (and a TP shard).
 
-Runs with TRITON_INTERPRET=0, set here before anything imports triton (``import megasyne``
-turns the interpreter on when there is no CUDA, and it replaces @triton.jit at import time).
+Runs with TRITON_INTERPRET=0, set by ``main`` before anything imports the kernels (``import
+megasyne`` turns the interpreter on when there is no CUDA, and it replaces @triton.jit at
+import time).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-INTERPRET = os.environ.setdefault("TRITON_INTERPRET", "0")
 
 # Per-program limits of each target: max dynamic shared memory per block (bytes) and max
 # registers per thread (CUDA compute capability tables).
@@ -325,8 +325,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-spills", action="store_true", help="spills are an error too")
     ap.add_argument("--json", type=Path, help="write the records here")
     args = ap.parse_args(argv)
-    if INTERPRET not in ("", "0"):
-        ap.error(f"TRITON_INTERPRET={INTERPRET}: the interpreter would replace the kernels; unset it")
+    # Before anything imports megasyne (it turns the interpreter on without CUDA). Only here,
+    # not at import: a process that imports this module (pytest) keeps its own setting.
+    interpret = os.environ.setdefault("TRITON_INTERPRET", "0")
+    if interpret not in ("", "0"):
+        ap.error(f"TRITON_INTERPRET={interpret}: the interpreter would replace the kernels; unset it")
     sys.path.insert(0, str(REPO))
     t0 = time.perf_counter()
     records = []
