@@ -49,41 +49,46 @@ def _rope_kernel(
     t_ptr, t_s, t_b, t_n,     # [s, b, n, d] input (or dy), last dim contiguous
     o_ptr, o_s, o_b, o_n,     # [s, b, n, d] output
     cos_ptr, sin_ptr,         # [s, r] fp32, contiguous
-    batch, n_heads, rot_dim, half, pass_dim,
-    BACKWARD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    n_rows, batch, n_heads, rot_dim, half, pass_dim,
+    BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per (position, batch) row: every head of that token, so the angles of the
-    # position are loaded once and reused by all n heads.
-    pid = tl.program_id(0)
-    pos = (pid // batch).to(tl.int64)
-    bat = (pid % batch).to(tl.int64)
-    t_row = t_ptr + pos * t_s + bat * t_b
+    # One program per ROWS consecutive (position, batch) rows, every head of each: the angles
+    # of a position are loaded once per row and reused by all n heads; several rows per
+    # program keep the tile large when there are few heads (GQA keys: 4 or 8).
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None, None]   # [ROWS, 1, 1] row ids
+    rmask = r < n_rows
+    pos = (r // batch).to(tl.int64)
+    bat = (r % batch).to(tl.int64)
+    t_row = t_ptr + pos * t_s + bat * t_b                     # [ROWS, 1, 1] pointers
     o_row = o_ptr + pos * o_s + bat * o_b
-    heads = tl.arange(0, BLOCK_N)[:, None]                   # [BLOCK_N, 1]
-    cols = tl.arange(0, BLOCK_H)[None, :]                    # [1, BLOCK_H]
-    hmask = heads < n_heads
-    cmask = cols < half
+    heads = tl.arange(0, BLOCK_N)[None, :, None]              # [1, BLOCK_N, 1]
+    cols = tl.arange(0, BLOCK_H)[None, None, :]               # [1, 1, BLOCK_H]
+    hmask = rmask & (heads < n_heads)
+    cmask = rmask & (cols < half)
     mask = hmask & cmask
 
-    c1 = tl.load(cos_ptr + pos * rot_dim + cols, mask=cmask, other=0.0)           # [1, H]
-    s1 = tl.load(sin_ptr + pos * rot_dim + cols, mask=cmask, other=0.0)
-    c2 = tl.load(cos_ptr + pos * rot_dim + half + cols, mask=cmask, other=0.0)
-    s2 = tl.load(sin_ptr + pos * rot_dim + half + cols, mask=cmask, other=0.0)
+    c_row = pos * rot_dim + cols                              # [ROWS, 1, BLOCK_H]
+    c1 = tl.load(cos_ptr + c_row, mask=cmask, other=0.0)
+    s1 = tl.load(sin_ptr + c_row, mask=cmask, other=0.0)
+    c2 = tl.load(cos_ptr + half + c_row, mask=cmask, other=0.0)
+    s2 = tl.load(sin_ptr + half + c_row, mask=cmask, other=0.0)
 
-    x1 = tl.load(t_row + heads * t_n + cols, mask=mask, other=0.0).to(tl.float32)         # [N, H]
-    x2 = tl.load(t_row + heads * t_n + half + cols, mask=mask, other=0.0).to(tl.float32)
+    t_off = t_row + heads * t_n + cols                        # [ROWS, BLOCK_N, BLOCK_H]
+    x1 = tl.load(t_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(t_off + half, mask=mask, other=0.0).to(tl.float32)
     if BACKWARD:
         y1 = x1 * c1 + x2 * s2
         y2 = x2 * c2 - x1 * s1
     else:
         y1 = x1 * c1 - x2 * s1
         y2 = x2 * c2 + x1 * s2
-    tl.store(o_row + heads * o_n + cols, y1.to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_row + heads * o_n + half + cols, y2.to(o_ptr.dtype.element_ty), mask=mask)
+    o_off = o_row + heads * o_n + cols
+    tl.store(o_off, y1.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_off + half, y2.to(o_ptr.dtype.element_ty), mask=mask)
 
     if BLOCK_P > 0:  # columns past the rotary dimension are copied (gradient: identity)
-        pcols = tl.arange(0, BLOCK_P)[None, :]
+        pcols = tl.arange(0, BLOCK_P)[None, None, :]
         pmask = hmask & (pcols < pass_dim)
         xp = tl.load(t_row + heads * t_n + rot_dim + pcols, mask=pmask, other=0.0)
         tl.store(o_row + heads * o_n + rot_dim + pcols, xp.to(o_ptr.dtype.element_ty), mask=pmask)
@@ -127,6 +132,27 @@ def supported(t: torch.Tensor, freqs: torch.Tensor) -> str | None:
     return None
 
 
+# Rotated values per program the launcher aims at ([ROWS, BLOCK_N, BLOCK_H] tile).
+TILE = 2048
+# Tests set (rows per program, warps) to force a launch shape (rows a power of two);
+# None = ``_launch_shape``.
+FORCE_LAUNCH: tuple[int, int] | None = None
+
+
+def _launch_shape(row_tile: int, n_rows: int) -> tuple[int, int]:
+    """(rows per program, warps) for a [BLOCK_N, BLOCK_H] tile per row.
+
+    Rows: enough for ~TILE values per program (TinyLlama's queries, 32 x 32 per row: 2 rows;
+    its 4 key heads, 4 x 32: 16 rows), never more than there are rows. Warps: so that each
+    thread holds >= 8 values of the tile, which makes its loads and stores 16-byte vectors in
+    bf16 (a fixed 4 warps gave TinyLlama's keys one value per thread and 2-byte scalar
+    accesses: benchmarks/kernel_resources.py, sm_90 PTX). The interpreter gains too: it
+    pays per program, and RoPE was half its time in the model tests at one row per program.
+    """
+    rows = max(1, min(TILE // row_tile, triton.next_power_of_2(n_rows)))
+    return rows, max(1, min(16, rows * row_tile // 256))
+
+
 def rope_apply(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                backward: bool = False) -> torch.Tensor:
     """Rotate t ([s, b, n, d]) by the [s, r] cos/sin tables (inverse rotation if backward);
@@ -142,17 +168,13 @@ def rope_apply(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     block_h = triton.next_power_of_2(half)
     block_n = triton.next_power_of_2(n)
     block_p = triton.next_power_of_2(d - rot_dim) if d > rot_dim else 0
-    # Warps so that each thread holds >= 8 values of the [BLOCK_N, BLOCK_H] tile: then its
-    # loads and stores are 16-byte vectors in bf16. With a fixed 4 warps the key heads of
-    # TinyLlama (4 x 32 tile) got 1 value per thread and compiled to 2-byte scalar accesses
-    # (benchmarks/kernel_resources.py, sm_90 PTX); 1 warp gives 4 per thread there.
-    tile = block_n * block_h
-    num_warps = max(1, min(16, tile // 256))
-    _rope_kernel[(s * b,)](
+    n_rows = s * b
+    rows, num_warps = FORCE_LAUNCH or _launch_shape(block_n * block_h, n_rows)
+    _rope_kernel[(triton.cdiv(n_rows, rows),)](
         t, t.stride(0), t.stride(1), t.stride(2),
         out, out.stride(0), out.stride(1), out.stride(2),
-        cos, sin, b, n, rot_dim, half, d - rot_dim,
-        BACKWARD=backward, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_P=block_p,
+        cos, sin, n_rows, b, n, rot_dim, half, d - rot_dim,
+        BACKWARD=backward, ROWS=rows, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_P=block_p,
         num_warps=num_warps,
     )
     return out

@@ -101,3 +101,24 @@ def test_megatron_fused_slot_falls_back_for_interleaved():
     assert_close(_fused_rope(t, freqs), reference(t, freqs), what="non-interleaved")
     inter = _apply_rotary_pos_emb_bshd(t.double(), freqs.double(), rotary_interleaved=True)
     assert_close(_fused_rope(t, freqs, interleaved=True), inter, what="interleaved")
+
+
+@pytest.mark.parametrize("rows, warps", [(1, 4), (4, 1), (8, 2)])
+def test_rows_per_program_with_a_partial_last_program(monkeypatch, rows, warps):
+    """s x b = 21 rows: with 4 or 8 rows per program the last program is partly masked."""
+    monkeypatch.setattr(rope_mod, "FORCE_LAUNCH", (rows, warps))
+    g = torch.Generator().manual_seed(rows)
+    t = torch.randn((7, 3, 3, 12), generator=g)
+    check(t, angles(7, 8), what=f"rows={rows}")
+
+
+@pytest.mark.parametrize("n, half, n_rows, expected", [
+    (32, 32, 8192, (2, 8)),    # TinyLlama queries: 32 heads x 32 pairs per row
+    (4, 32, 8192, (16, 8)),    # TinyLlama keys (4 groups)
+    (32, 64, 16384, (1, 8)),   # Llama-3-8B queries
+    (8, 64, 16384, (4, 8)),    # Llama-3-8B keys
+    (4, 32, 3, (4, 2)),        # fewer rows than the target: one program, no empty rows
+    (64, 64, 100, (1, 16)),    # a row wider than the target tile: one row, at most 16 warps
+])
+def test_launch_shape(n, half, n_rows, expected):
+    assert rope_mod._launch_shape(n * half, n_rows) == expected
