@@ -100,6 +100,9 @@ def _resource_usage(cubin: bytes, cuobjdump: str) -> dict:
     raise RuntimeError(f"no resource usage line in cuobjdump output:\n{out}")
 
 
+_TRITON_RUN: dict = {}
+
+
 class Recorder:
     """Replaces JITFunction.run: compile for the target (warmup=True launches nothing)."""
 
@@ -118,7 +121,9 @@ class Recorder:
         from triton.runtime.jit import JITFunction
 
         driver.set_active(_FakeDriver(self.arch))
-        original = JITFunction.run
+        # Triton's own run, kept from the first install: a later Recorder (another target)
+        # replaces this one's wrapper instead of wrapping it.
+        original = _TRITON_RUN.setdefault("run", JITFunction.run)
         recorder = self
 
         def run(fn, *args, grid, warmup, **kwargs):
