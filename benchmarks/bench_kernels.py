@@ -277,7 +277,10 @@ def check_correctness() -> list[dict]:
             ok, rel = within_ulp(a, e, dt)
             out.append(dict(kernel="cross_entropy", shape=[n, v], dtype=str(dtype), what=what, ok=ok, max_rel=rel))
     heads, d = (4, 16) if ARGS.dry_run else (32, 128)
-    for s_, b, n, dtype in ((65, 2, heads, torch.bfloat16), (33, 1, 3, torch.float32)):
+    # Llama-3-8B queries (one row per program), TinyLlama-like keys (4 heads x 64: 16 rows per
+    # program), and 3 odd heads in fp32 (8 rows per program, the last one partly masked).
+    for s_, b, n, d, dtype in ((65, 2, heads, d, torch.bfloat16), (65, 2, 4, 64, torch.bfloat16),
+                               (33, 1, 3, d, torch.float32)):
         t = torch.randn(s_, b, n, d, generator=g).to(DEV, dtype)
         f = rope_angles(s_, d, start=4000)
         dy = torch.randn(s_, b, n, d, generator=g).to(DEV, dtype)
