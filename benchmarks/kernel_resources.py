@@ -192,10 +192,7 @@ def rmsnorm_cases(rec: Recorder, full: bool):
         widths += [(4096, torch.float32), (4096, torch.float16), (rms.MAX_FUSED_BLOCK + 1000,
                                                                   torch.bfloat16)]
     for h, dtype in widths:
-        block, single, _ = rms._settings(h)
-        fwd = rms._fitting(rms.FWD_CANDIDATES, block, 0) if single else [(1, None)]
-        bwd = (rms._fitting(rms.BWD_CANDIDATES, block, 2) if single
-               else [c for c in rms.BWD_CANDIDATES if c[2] == 1])
+        fwd, bwd = rms.fwd_candidates(h), rms.bwd_candidates(h)
         for rows in _rows_for(2 if full else 1):
             x = torch.randn(rows, h, dtype=dtype)
             w = torch.randn(h, dtype=dtype)
@@ -232,14 +229,9 @@ def cross_entropy_cases(rec: Recorder, full: bool):
                 loss, lse = ce.ce_forward(logits, target, 0, v * split, -100, 0.0, 0.0)
                 rec.case = f"{tag} bwd"
                 ce.ce_backward_(logits, target, lse, torch.ones(rows), 0, v * split, -100, 0.0, 0.0)
-                if split > 1:
-                    # ce_forward's phase 1 with a TP group (FINALIZE=False), launched as it does.
+                if split > 1:  # ce_forward's phase 1 with a TP group (before its all-reduces)
                     rec.case = f"{tag} vocab-parallel phase 1"
-                    block, warps = ce._settings(v)
-                    stats = torch.empty((4, rows), dtype=torch.float32)
-                    ce._ce_fwd_kernel[(rows,)](logits, logits.stride(0), target, stats, stats, stats,
-                                               rows, v, v, -100, 0.0, 0.0, 1.0 / (v * split),
-                                               FINALIZE=False, BLOCK_V=block, num_warps=warps)
+                    ce.local_stats(logits, target, v, v * split, -100, 0.0, 0.0)
                 else:
                     for reduction in ("mean", "sum"):
                         rec.case = f"{tag} {reduction} (grad in forward, rescale)"

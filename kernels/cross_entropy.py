@@ -213,27 +213,42 @@ def _smoothing(label_smoothing: float, vocab_size: int) -> float:
     return label_smoothing * vocab_size / (vocab_size - 1) if label_smoothing > 0 else 0.0
 
 
+def _launch_fwd(logits2, target1, outs, vocab_start, vocab_size, ignore_index, smoothing,
+                z_loss_weight, finalize):
+    """The forward kernel over logits2 [N, Vl]: ``outs`` = (stats, loss, lse)."""
+    n_rows, n_cols = logits2.shape
+    if n_rows > 0:
+        block, num_warps = _settings(n_cols)
+        _ce_fwd_kernel[(n_rows,)](logits2, logits2.stride(0), target1, *outs, n_rows, n_cols,
+                                  vocab_start, ignore_index, smoothing, z_loss_weight,
+                                  1.0 / vocab_size, FINALIZE=finalize, BLOCK_V=block,
+                                  num_warps=num_warps)
+
+
+def local_stats(logits2, target1, vocab_start, vocab_size, ignore_index, smoothing,
+                z_loss_weight):
+    """Phase 1 of the vocab-parallel forward on this rank's shard: [4, N] fp32 (local max,
+    sum exp(x - max), x_t if t is local else 0, sum x), before any all-reduce."""
+    stats = torch.empty((4, logits2.shape[0]), dtype=torch.float32, device=logits2.device)
+    _launch_fwd(logits2, target1, (stats, stats, stats), vocab_start, vocab_size, ignore_index,
+                smoothing, z_loss_weight, finalize=False)
+    return stats
+
+
 def ce_forward(logits2, target1, vocab_start, vocab_size, ignore_index, smoothing,
                z_loss_weight, group=None):
     """logits2 [N, Vl], target1 [N] -> (loss [N] fp32, lse [N] fp32); collectives on ``group``
     when it has more than one rank."""
-    n_rows, n_cols = logits2.shape
-    block, num_warps = _settings(n_cols)
-    dev = logits2.device
     world = dist.get_world_size(group) if group is not None else 1
-    args = (n_rows, n_cols, vocab_start, ignore_index, smoothing, z_loss_weight, 1.0 / vocab_size)
     if world == 1:
-        loss = torch.empty(n_rows, dtype=torch.float32, device=dev)
+        loss = torch.empty(logits2.shape[0], dtype=torch.float32, device=logits2.device)
         lse = torch.empty_like(loss)
-        if n_rows > 0:
-            _ce_fwd_kernel[(n_rows,)](logits2, logits2.stride(0), target1, loss, loss, lse, *args,
-                                      FINALIZE=True, BLOCK_V=block, num_warps=num_warps)
+        _launch_fwd(logits2, target1, (loss, loss, lse), vocab_start, vocab_size, ignore_index,
+                    smoothing, z_loss_weight, finalize=True)
         return loss, lse
 
-    stats = torch.empty((4, n_rows), dtype=torch.float32, device=dev)
-    if n_rows > 0:
-        _ce_fwd_kernel[(n_rows,)](logits2, logits2.stride(0), target1, stats, stats, stats, *args,
-                                  FINALIZE=False, BLOCK_V=block, num_warps=num_warps)
+    stats = local_stats(logits2, target1, vocab_start, vocab_size, ignore_index, smoothing,
+                        z_loss_weight)
     local_max = stats[0]
     global_max = local_max.clone()
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
@@ -391,4 +406,4 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tenso
 
 
 __all__ = ["cross_entropy", "vocab_parallel_cross_entropy", "CrossEntropyFunction",
-           "ReducedCrossEntropyFunction", "ce_forward", "ce_backward_"]
+           "ReducedCrossEntropyFunction", "ce_forward", "ce_backward_", "local_stats"]

@@ -111,6 +111,21 @@ def _fitting(candidates: list, block: int, rows_at: int) -> list:
     return [c for c in candidates if c[rows_at] == 1 or c[rows_at] * block <= MAX_TILE]
 
 
+def fwd_candidates(n_cols: int) -> list:
+    """Forward launch configurations the tuner may pick for rows of ``n_cols``: those that fit;
+    the looped variant (rows wider than one tile) has only one row per program."""
+    block, single, _ = _settings(n_cols)
+    return _fitting(FWD_CANDIDATES, block, 0) if single else [(1, None)]
+
+
+def bwd_candidates(n_cols: int) -> list:
+    """Backward launch configurations for rows of ``n_cols``; the looped variant takes one row
+    per step."""
+    block, single, _ = _settings(n_cols)
+    return (_fitting(BWD_CANDIDATES, block, 2) if single
+            else [c for c in BWD_CANDIDATES if c[2] == 1])
+
+
 def _num_bwd_programs(n_rows: int, device: torch.device, per_sm: int) -> int:
     """Programs of the backward: enough to fill the GPU, few enough that the [P, H] partial
     dw buffer and its final sum stay small next to the [R, H] tensors."""
@@ -344,8 +359,8 @@ def rmsnorm_forward(x, weight, eps, residual=None):
 
     if n_rows > 0:
         # Pure even with a residual: h = x + residual is rewritten, never read back here.
-        launch(_pick("rmsnorm_fwd", (n_cols, x.dtype, has_res), _fitting(FWD_CANDIDATES, block, 0),
-                     launch, x.device) if single else (1, None))
+        launch(_pick("rmsnorm_fwd", (n_cols, x.dtype, has_res), fwd_candidates(n_cols),
+                     launch, x.device))
     h_out = h.view(shape) if residual is not None else None
     return y.view(shape), h_out, rrms
 
@@ -385,10 +400,8 @@ def rmsnorm_backward(dy, x, weight, rrms, dres=None):
 
     if n_rows == 0:
         return dx.view(shape), torch.zeros_like(weight)
-    # The looped variant (rows wider than one tile) takes one row per step.
-    cands = (_fitting(BWD_CANDIDATES, block, 2) if single
-             else [c for c in BWD_CANDIDATES if c[2] == 1])
-    launch(_pick("rmsnorm_bwd", (n_cols, x.dtype, dres is not None), cands, launch, x.device))
+    launch(_pick("rmsnorm_bwd", (n_cols, x.dtype, dres is not None), bwd_candidates(n_cols),
+                 launch, x.device))
     dw_partial = partials["dw"]
     # Stage 2 of the dw reduction: [P, H] -> [H], in fp32, then one rounding.
     dw = dw_partial.sum(0).to(weight.dtype)
