@@ -116,7 +116,7 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def plot_mixture(index_dir: Path, path: Path, windows: int = 400) -> None:
+def plot_index_shares(index_dir: Path, path: Path, windows: int = 400) -> None:
     """Stacked share of each source per window of consecutive samples, stages marked."""
     import matplotlib
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     (built.path / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (built.path / "report.md").write_text(markdown(report))
     if not args.no_plot:
-        plot_mixture(built.path, built.path / "mixture.png", windows=args.windows)
+        plot_index_shares(built.path, built.path / "mixture.png", windows=args.windows)
     worst = max((r["max_prefix_deviation"] for st in report["stages"]
                  for r in st["sources"].values()), default=0.0)
     log.info("report: %s (worst prefix deviation %.3f samples)", built.path / "report.md", worst)

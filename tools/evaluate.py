@@ -37,7 +37,7 @@ import megasyne  # noqa: E402,F401  (sets TRITON_INTERPRET before megatron impor
 
 from megasyne.checkpoint.dist import CheckpointError  # noqa: E402
 from megasyne.checkpoint.hf import HFConversionError  # noqa: E402
-from megasyne.eval.data import EvalDataError  # noqa: E402
+from megasyne.eval.benchmark_files import EvalDataError  # noqa: E402
 from megasyne.eval.tasks import EvalConfigError, load_task_file, preset_tasks  # noqa: E402
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -117,7 +117,7 @@ def _tokenizer_dir(args, manifest: dict) -> Path:
 def run(args) -> int:
     import torch
 
-    from megasyne.eval.backends import HFScorer, MegatronScorer
+    from megasyne.eval.lm import HFScorer, MegatronScorer
     from megasyne.eval.runner import evaluate, format_table, write_results
 
     specs = _specs(args)  # every task / file problem fails here, before any model loads

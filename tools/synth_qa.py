@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                                                disciplines, lang=args.lang,
                                                topic_field=args.topic_field, only=args.only)
         if args.openai_url:
-            from megasyne.syne.synth.backends import OpenAIChatBackend
+            from megasyne.syne.synth.generators import OpenAIChatBackend
 
             if not args.model:
                 raise SynthError("--openai-url needs --model")
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_tokens=args.max_tokens)
             chunk = 4 * args.concurrency
         else:
-            from megasyne.syne.synth.backends import TransformersBackend
+            from megasyne.syne.synth.generators import TransformersBackend
 
             backend = TransformersBackend(args.hf_model, max_new_tokens=args.max_tokens,
                                           temperature=args.temperature, top_p=args.top_p,

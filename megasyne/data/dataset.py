@@ -1,6 +1,6 @@
 """``MixtureDataset``: global sample ``i`` of a built mixture index, in O(1), as a pure function of i.
 
-The trainer reads ``dataset[i]`` for consecutive ``i`` (``megasyne.training.data``); a resumed run
+The trainer reads ``dataset[i]`` for consecutive ``i`` (``megasyne.training.batches``); a resumed run
 starts at ``i = consumed_samples`` and gets exactly what the uninterrupted run would have read,
 because nothing here has state: every array is a read-only memory map of the index directory
 written by :func:`megasyne.data.mixture.build_or_load_index`, and every source dataset a

@@ -14,7 +14,7 @@
 Command line: ``tools/evaluate.py``.
 """
 
-from megasyne.eval.data import EvalDataError
+from megasyne.eval.benchmark_files import EvalDataError
 from megasyne.eval.tasks import EvalConfigError, TaskSpec
 
 __all__ = ["EvalConfigError", "EvalDataError", "TaskSpec"]

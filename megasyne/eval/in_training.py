@@ -27,7 +27,7 @@ The ``score_fn`` contract
   replica) calls it in the same order with the same arguments, and it returns the scores on
   every rank (or at least where ``run`` is read).
 
-``megasyne.eval.backends.megatron_score_fn(model, vocab_size)`` implements it for a Megatron
+``megasyne.eval.lm.megatron_score_fn(model, vocab_size)`` implements it for a Megatron
 GPTModel with the whole pipeline on the rank (any TP), ``hf_score_fn(model)`` for a
 transformers model.
 
@@ -43,7 +43,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megasyne.eval.backends import ScoreFn, ScoreFnScorer
+from megasyne.eval.lm import ScoreFn, ScoreFnScorer
 from megasyne.eval.tasks import MC, EvalConfigError, TaskSpec, build_lm_eval_configs, load_task_file
 
 

@@ -44,7 +44,7 @@ def run_tasks(scorer, specs: list[TaskSpec], *, allow_code_execution: bool = Fal
     from lm_eval.evaluator import evaluate
     from lm_eval.tasks import TaskManager, get_task_dict
 
-    from megasyne.eval.backends import scorer_lm
+    from megasyne.eval.lm import scorer_lm
 
     names = [s.name for s in specs]
     if len(set(names)) != len(names):

@@ -2,7 +2,7 @@
 
 A :class:`TaskSpec` names a benchmark format (``mmlu``, ``ceval``, ``cmmlu``, ``scieval``,
 ``gsm8k``, ``math``, ``humaneval``) and a local path. :func:`build_lm_eval_configs` reads the
-files (``megasyne.eval.data``, validated) and turns every subject into an lm-eval task config
+files (``megasyne.eval.benchmark_files``, validated) and turns every subject into an lm-eval task config
 whose dataset is the already-parsed docs (``custom_dataset``); lm-eval then builds the
 prompts and scores them. Prompts are lm-eval's own for its mmlu / ceval-valid / cmmlu /
 gsm8k / hendrycks_math tasks (subject descriptions are read from the task YAMLs lm-eval
@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from megasyne.eval import data as D
+from megasyne.eval import benchmark_files as D
 from megasyne.eval import scoring
 
 MC, GEN, CODE = "multiple_choice", "generate", "code"
@@ -80,7 +80,7 @@ class TaskSpec:
     format: str
     """One of FORMATS."""
     path: Path
-    """Benchmark directory or file, in the format's public layout (see megasyne.eval.data)."""
+    """Benchmark directory or file, in the format's public layout (see megasyne.eval.benchmark_files)."""
     num_fewshot: int = 0
     """Number of in-context examples (the first ones of the few-shot split)."""
     split: str | None = None

@@ -1,6 +1,6 @@
 """The Llama-3-SynE data recipe tools, as a library (the faces are ``tools/*.py``).
 
-- :mod:`megasyne.syne.adaptive` — the adaptive topic-mixture update rule (pure, JSON-able decisions).
+- :mod:`megasyne.syne.topic_mixture` — the adaptive topic-mixture update rule (pure, JSON-able decisions).
 - :mod:`megasyne.syne.ppl` + :mod:`megasyne.syne.scorers` — per-document perplexity with a megasyne
   checkpoint (any TP/PP/DP) or a Hugging Face model, windowed, batched, resumable
   (:mod:`megasyne.syne.blocks`); ``tools/score_ppl.py``.

@@ -2,7 +2,7 @@
 
 Every ``interval_steps`` steps the trainer evaluates the held-out set (its eval recipe holds a
 source per topic, named like the training recipe's topic sources), the update rule of
-``megasyne.syne.adaptive`` turns the per-topic validation perplexities into new topic ratios,
+``megasyne.syne.topic_mixture`` turns the per-topic validation perplexities into new topic ratios,
 and ``megasyne.data.overlay`` re-blends the next interval's samples with them. The topics'
 total share of each stage stays the recipe's; the ratios split it. A baseline measurement
 happens before the first step. Decisions go to metrics.jsonl (key ``adaptive``); the state
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megasyne.data.overlay import MixtureOverlay
-from megasyne.syne.adaptive import AdaptiveConfig, AdaptiveMixture
+from megasyne.syne.topic_mixture import AdaptiveConfig, AdaptiveMixture
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -53,7 +53,7 @@ class BenchEval:
         from megatron.core import parallel_state as ps
 
         from megasyne.checkpoint.sharding import unwrap
-        from megasyne.eval.backends import megatron_score_fn
+        from megasyne.eval.lm import megatron_score_fn
         from megasyne.eval.in_training import accuracies_from_counts
         from megasyne.parallel.init import comm_device
 

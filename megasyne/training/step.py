@@ -56,7 +56,7 @@ def _upload(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 def gpt_forward_step(data_iterator: Iterator[dict], model, *, num_sources: int = 0,
                      inject_nan: bool = False) -> tuple:
-    """Megatron forward_step_func for batches made by ``megasyne.training.data``."""
+    """Megatron forward_step_func for batches made by ``megasyne.training.batches``."""
     batch = next(data_iterator)
     if torch.cuda.is_available():  # batches are built on the CPU from memory-mapped data
         dev = torch.device("cuda", torch.cuda.current_device())

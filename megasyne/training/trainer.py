@@ -23,7 +23,7 @@ from megasyne.parallel.dims import ParallelDims
 from megasyne.parallel.init import comm_device, init_parallel, launcher_world
 from megasyne.training import metrics as M
 from megasyne.training.config import ConfigError, TrainConfig, dump_config
-from megasyne.training.data import build_index_on_rank0, check_vocabulary, micro_batches
+from megasyne.training.batches import build_index_on_rank0, check_vocabulary, micro_batches
 from megasyne.training.optim import build_optimizer, wrap_ddp
 from megasyne.training.schedule import lr_at, stage_step_ranges
 from megasyne.training.step import gpt_forward_step, reduce_losses, run_microbatches, train_step

@@ -20,7 +20,7 @@ IN_TRAINING_ITEMS = 1
 
 
 def main(checkpoint: str, tasks: str, out: Path) -> None:
-    from megasyne.eval import backends
+    from megasyne.eval import lm as backends
 
     spec = importlib.util.spec_from_file_location("evaluate_tool", REPO / "tools" / "evaluate.py")
     tool = importlib.util.module_from_spec(spec)

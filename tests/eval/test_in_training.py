@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megasyne.eval.backends import ScoreFnScorer
+from megasyne.eval.lm import ScoreFnScorer
 from megasyne.eval.in_training import InTrainingEval, accuracies_from_counts
 from megasyne.eval.runner import run_tasks
 from megasyne.eval.tasks import EvalConfigError, load_task_file

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from megasyne.eval.backends import ScoreFnScorer
+from megasyne.eval.lm import ScoreFnScorer
 from megasyne.eval.runner import (
     RESULTS_FORMAT, compare, format_table, read_results, run_tasks, write_results,
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megasyne.eval import data as D
+from megasyne.eval import benchmark_files as D
 from megasyne.eval import scoring as S
 
 

@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from megasyne.eval.backends import HFScorer, hf_score_fn
+from megasyne.eval.lm import HFScorer, hf_score_fn
 from megasyne.eval.in_training import InTrainingEval
 from megasyne.eval.runner import evaluate, read_results, run_tasks
 from megasyne.eval.tasks import TaskSpec, load_task_file

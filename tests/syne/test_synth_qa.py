@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from megasyne.syne.synth.backends import OpenAIChatBackend, Request
+from megasyne.syne.synth.generators import OpenAIChatBackend, Request
 from megasyne.syne.synth.filters import (
     Contamination, NearDuplicates, QAPair, copied_from_seed, language_ok, parse_qa, validate,
 )

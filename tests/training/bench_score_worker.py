@@ -52,7 +52,7 @@ if __name__ == "__main__":
         ours = pipeline_score_fn(ddp, cfg.vocab_size)(seqs, starts)
     else:
         from megasyne.checkpoint.sharding import unwrap
-        from megasyne.eval.backends import megatron_score_fn
+        from megasyne.eval.lm import megatron_score_fn
 
         ours = [float(x) for x in megatron_score_fn(unwrap(ddp[0]), cfg.vocab_size)(seqs, starts)]
     assert all(c.training for c in ddp)  # the model's mode is restored

@@ -221,7 +221,7 @@ def test_training_starts_from_a_converted_hugging_face_checkpoint(setup):
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), tokens[:, 1:].reshape(-1))
     assert loss == pytest.approx(ref.item(), abs=1e-5)
     # Step 0 (the converted weights): the same accuracy as the HF original, offline.
-    from megasyne.eval.backends import hf_score_fn
+    from megasyne.eval.lm import hf_score_fn
     from megasyne.eval.in_training import InTrainingEval
 
     offline = InTrainingEval(tasks=str(setup / "bench.yaml"), tokenizer_path=setup / "hf_init",

@@ -288,7 +288,7 @@ def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[S
 
 
 def _request(key, messages, prefix):
-    from megasyne.syne.synth.backends import Request
+    from megasyne.syne.synth.generators import Request
 
     return Request(key=key, messages=messages, response_prefix=prefix)
 

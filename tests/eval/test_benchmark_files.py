@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megasyne.eval import data as D
+from megasyne.eval import benchmark_files as D
 from megasyne.eval.tasks import (
     EvalConfigError, PAPER_PRESET, TaskSpec, build_lm_eval_configs, description, load_task_file,
     preset_tasks, select,

@@ -1,10 +1,10 @@
-"""The adaptive topic-mixture rule against hand computations (megasyne/syne/adaptive.py)."""
+"""The adaptive topic-mixture rule against hand computations (megasyne/syne/topic_mixture.py)."""
 
 import json
 
 import pytest
 
-from megasyne.syne.adaptive import (
+from megasyne.syne.topic_mixture import (
     AdaptiveConfig, AdaptiveMixture, AdaptiveMixtureError, MixtureDecision, adapt, clamp_ratios,
 )
 
