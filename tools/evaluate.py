@@ -117,7 +117,7 @@ def _tokenizer_dir(args, manifest: dict) -> Path:
 def run(args) -> int:
     import torch
 
-    from megasyne.eval.lm import HFScorer, MegatronScorer
+    from megasyne.eval.lm import hf_model_scorer, megasyne_model_scorer
     from megasyne.eval.runner import evaluate, format_table, write_results
 
     specs = _specs(args)  # every task / file problem fails here, before any model loads
@@ -129,7 +129,7 @@ def run(args) -> int:
         if args.hf_dir:
             if not (Path(args.hf_dir) / "config.json").is_file():
                 raise EvalConfigError(f"--hf-dir {args.hf_dir}: no config.json there")
-            scorer = HFScorer(args.hf_dir, dtype=dtype, **kw)
+            scorer = hf_model_scorer(args.hf_dir, dtype=dtype, **kw)
             model = {"kind": "hf", "path": str(Path(args.hf_dir).resolve())}
             default_name = Path(args.hf_dir).resolve().name
         else:
@@ -146,16 +146,12 @@ def run(args) -> int:
 
                 hf = megasyne_to_hf(ckpt, Path(tmp) / "hf", tokenizer_dir=tok,
                                     progress=not args.no_progress)
-                scorer = HFScorer(hf, dtype=dtype, **kw)
+                scorer = hf_model_scorer(hf, dtype=dtype, **kw)
             else:
                 import transformers
 
-                from megasyne.parallel.dims import ParallelDims
-                from megasyne.parallel.init import init_parallel
-
-                init_parallel(ParallelDims())
-                scorer = MegatronScorer(ckpt, transformers.AutoTokenizer.from_pretrained(tok),
-                                        dtype=dtype, **kw)
+                scorer = megasyne_model_scorer(
+                    ckpt, transformers.AutoTokenizer.from_pretrained(tok), dtype=dtype, **kw)
         results = evaluate(scorer, specs, name=args.name or default_name, model=model,
                            allow_code_execution=args.allow_code_execution)
     write_results(results, args.output)

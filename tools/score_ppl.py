@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hf-dir", help="Hugging Face model directory (scored with transformers)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (megasyne only)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree (megasyne only)")
+    p.add_argument("--virtual-pp", type=int, default=None,
+                   help="interleaved pipeline stages per rank (megasyne only, with --pp >= 2)")
     p.add_argument("--field", default="ppl", help="metadata field to write (default ppl)")
     p.add_argument("--window", type=int, default=2048, help="tokens per window")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts "
@@ -81,20 +83,20 @@ def main(argv: list[str] | None = None) -> int:
                           progress=not args.no_progress,
                           kill_after_blocks=args.debug_kill_after_blocks)
         if args.checkpoint:
-            from megasyne.syne.scorers import MegatronScorer
+            from megasyne.scorers import MegatronScorer
 
             if args.attention == "eager":
                 raise ScoreError("--attention eager is for --hf-dir; use megatron or sdpa")
-            scorer = MegatronScorer(args.checkpoint, tp=args.tp, pp=args.pp, dtype=dtype,
-                                    micro_batch_size=args.micro_batch_size,
-                                    attention=args.attention)
+            scorer = MegatronScorer.from_checkpoint(
+                args.checkpoint, tp=args.tp, pp=args.pp, virtual_pp=args.virtual_pp,
+                dtype=dtype, micro_batch_size=args.micro_batch_size, attention=args.attention)
         else:
-            from megasyne.syne.scorers import HFScorer
+            from megasyne.scorers import HFScorer
 
-            if args.tp != 1 or args.pp != 1:
-                raise ScoreError("--tp/--pp need a megasyne --checkpoint (convert the HF "
+            if args.tp != 1 or args.pp != 1 or args.virtual_pp:
+                raise ScoreError("--tp/--pp/--virtual-pp need a megasyne --checkpoint (convert the HF "
                                  "directory with tools/convert_hf.py)")
-            scorer = HFScorer(args.hf_dir, dtype=dtype,
+            scorer = HFScorer.from_dir(args.hf_dir, dtype=dtype,
                               attention=None if args.attention == "megatron" else args.attention)
         try:
             report = run_score(cfg, scorer)

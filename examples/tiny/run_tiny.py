@@ -106,7 +106,8 @@ def main() -> int:
     banner("3/5 mixture and curriculum index (stage I zh:en 2:8, verse by ascending length)")
     from megasyne.training.config import load_config
 
-    cfg = load_config(CONFIG, args.set)
+    # The layout is checked against the world size it will be launched with (this process is one).
+    cfg = load_config(CONFIG, [*args.set, f"parallel.world_size={args.nproc}"])
     run([sys.executable, "tools/build_mixture.py", "--recipe", cfg.recipe,
          "--output", Path(cfg.run_dir) / "index"])
     banner(f"4/5 train on {args.nproc} processes; the first launch stops at step {STOP_AT} "

@@ -118,12 +118,6 @@ def _manifest_extra(ckpt: HFCheckpoint, dtype: torch.dtype) -> dict:
             "hf_generation_config": ckpt.generation_config, "dtype": dtype_name(dtype)}
 
 
-def _layout(dims: ParallelDims) -> dict:
-    return dict(tp=dims.tp, pp=dims.pp, dp=dims.dp, virtual_pp=dims.virtual_pp,
-                sequence_parallel=dims.sequence_parallel,
-                distributed_optimizer=dims.distributed_optimizer)
-
-
 def hf_to_megasyne(hf_dir, output, *, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
                    overwrite: bool = False, progress: bool = True) -> Path:
     """Convert; returns the checkpoint root (load it with ``load_checkpoint(root, chunks)``).
@@ -182,7 +176,7 @@ def _convert_streaming(ckpt, cfg, dtype, output: Path, progress: bool) -> Path:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        manifest = dict(format=FORMAT, iteration=0, model=cfg.to_dict(), layout=_layout(dims),
+        manifest = dict(format=FORMAT, iteration=0, model=cfg.to_dict(), layout=dims.layout_dict(),
                         has_optimizer=False, extra=_manifest_extra(ckpt, dtype))
         (final / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         (partial / "latest").write_text(final.name + "\n")
@@ -284,7 +278,7 @@ def _convert_parallel(ckpt, cfg, dtype, output: Path, dims: ParallelDims, progre
     if rank0:
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
-    save_checkpoint(partial, 0, chunks, model_config=cfg.to_dict(), layout=_layout(dims),
+    save_checkpoint(partial, 0, chunks, model_config=cfg.to_dict(), layout=dims.layout_dict(),
                     extra=_manifest_extra(ckpt, dtype))
     if rank0:
         _publish(partial, output)

@@ -27,9 +27,9 @@ The ``score_fn`` contract
   replica) calls it in the same order with the same arguments, and it returns the scores on
   every rank (or at least where ``run`` is read).
 
-``megasyne.eval.lm.megatron_score_fn(model, vocab_size)`` implements it for a Megatron
-GPTModel with the whole pipeline on the rank (any TP), ``hf_score_fn(model)`` for a
-transformers model.
+``megasyne.scorers.score_fn(scorer)`` implements it for any scorer of that module: the
+Megatron model at any TP / PP / virtual stages (``MegatronScorer``), a transformers model
+(``HFScorer``).
 
 Data parallel: ``counts(score_fn, shard=(dp_rank, dp_size))`` scores every ``dp_size``-th
 request only; all-reduce the returned correct / total counts over the data-parallel group

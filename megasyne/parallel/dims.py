@@ -76,6 +76,13 @@ class ParallelDims:
     def model_chunks(self) -> int:
         return self.vp_size or 1
 
+    def layout_dict(self) -> dict:
+        """The layout as checkpoints record it (what a resume compares, e.g. to restore
+        per-rank RNG states only onto the same layout)."""
+        return dict(tp=self.tp, pp=self.pp, dp=self.dp, virtual_pp=self.virtual_pp,
+                    sequence_parallel=self.sequence_parallel,
+                    distributed_optimizer=self.distributed_optimizer)
+
     def validate_for_model(self, *, num_layers: int, num_attention_heads: int,
                            num_query_groups: int, ffn_hidden_size: int,
                            micro_batches: int | None = None) -> None:

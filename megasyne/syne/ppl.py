@@ -45,7 +45,7 @@ class ScoreError(ValueError):
 
 @dataclass(kw_only=True)
 class ScoreConfig:
-    """What to score and how; the model is given separately (a scorer from megasyne.syne.scorers)."""
+    """What to score and how; the model is given separately (a scorer from megasyne.scorers)."""
 
     prefix: str
     """Dataset prefix (``<prefix>.bin/.idx``)."""

@@ -18,30 +18,17 @@ import yaml
 from megasyne.atomic import atomic_write_text
 from megasyne.model.config import LlamaConfig
 from megasyne.model.presets import get_preset
+from megasyne.parallel.dims import ParallelConfigError, ParallelDims
 from megasyne.training.optim import OptimConfig
 from megasyne.training.schedule import ScheduleConfig
 
 
 if TYPE_CHECKING:  # imported lazily at parse time (they pull in the eval / syne packages)
-    from megasyne.training.adaptive import AdaptiveTrainConfig
-    from megasyne.training.bench_eval import BenchEvalConfig
+    from megasyne.training.hooks.adaptive_mixture import AdaptiveTrainConfig
+    from megasyne.training.hooks.bench_probe import BenchEvalConfig
 
 class ConfigError(ValueError):
     """A run configuration that cannot work; names the key."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class ParallelConfig:
-    tp: int = 1
-    """Tensor-parallel degree."""
-    pp: int = 1
-    """Pipeline-parallel degree."""
-    virtual_pp: int | None = None
-    """Interleaved pipeline chunks per rank."""
-    sequence_parallel: bool = False
-    """Sequence parallelism over the TP group."""
-    distributed_optimizer: bool = False
-    """Shard optimizer state over data-parallel ranks."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -79,7 +66,9 @@ class TrainConfig:
     """Fields of the preset to change (e.g. vocab_size to match the tokenizer)."""
     init_checkpoint: str | None = None
     """megasyne checkpoint to start from (e.g. converted from HF); None = random init."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelDims = field(default_factory=ParallelDims)
+    """The parallel layout (megasyne.parallel.ParallelDims); its world_size is the launcher's
+    (torchrun's WORLD_SIZE) unless the config names one (a rehearsal of a bigger run)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     micro_batch_size: int = 1
@@ -145,10 +134,6 @@ class TrainConfig:
             raise ConfigError(f"recipe: file not found: {self.recipe}")
         if self.eval_recipe and not Path(self.eval_recipe).is_file():
             raise ConfigError(f"eval_recipe: file not found: {self.eval_recipe}")
-        if self.bench_eval is not None and self.parallel.virtual_pp:
-            raise ConfigError("bench_eval does not support interleaved pipeline stages "
-                              f"(parallel.virtual_pp={self.parallel.virtual_pp}); evaluate "
-                              "exported checkpoints with tools/evaluate.py instead")
         if self.adaptive is not None and not self.eval_recipe:
             raise ConfigError("adaptive needs eval_recipe: the topics' validation perplexity "
                               "drives the mixture")
@@ -157,7 +142,14 @@ class TrainConfig:
                 raise ConfigError(f"stage_settings.{name} must be a StageSettings")
         if self.init_checkpoint and not Path(self.init_checkpoint).exists():
             raise ConfigError(f"init_checkpoint: not found: {self.init_checkpoint}")
-        self.model_config()  # validates the preset and overrides
+        model = self.model_config()  # validates the preset and overrides
+        try:  # the layout against the model, once, before any process group exists
+            self.parallel.validate_for_model(
+                num_layers=model.num_layers, num_attention_heads=model.num_attention_heads,
+                num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size,
+                micro_batches=self.num_microbatches(self.parallel.dp))
+        except ParallelConfigError as exc:
+            raise ConfigError(f"parallel: {exc}") from None
 
     def model_config(self) -> LlamaConfig:
         if self.model == "init_checkpoint":
@@ -199,7 +191,7 @@ _NumberAwareLoader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-_SECTIONS = {"parallel": ParallelConfig, "optim": OptimConfig, "schedule": ScheduleConfig}
+_SECTIONS = {"parallel": ParallelDims, "optim": OptimConfig, "schedule": ScheduleConfig}
 
 
 def _parse_value(text: str):
@@ -229,6 +221,24 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _section(name: str, cls, section, *, hint: str = "", fixed: dict | None = None):
+    """``cls(**section)`` for the config section ``name``, errors naming the key."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name} must be a mapping{hint}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(section) - fields)
+    if bad:
+        raise ConfigError(f"unknown keys in {name}: {bad}; known: {sorted(fields)}")
+    try:
+        return cls(**{**(fixed or {}), **section})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _absolute(path: str, base_dir) -> str:
+    return path if os.path.isabs(path) else str((Path(base_dir) / path).resolve())
+
+
 def from_dict(raw: dict, *, base_dir: str | os.PathLike = ".") -> TrainConfig:
     """Build and validate a TrainConfig; unknown keys are errors that name them."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -237,74 +247,49 @@ def from_dict(raw: dict, *, base_dir: str | os.PathLike = ".") -> TrainConfig:
         raise ConfigError(f"unknown config keys: {unknown}; known: {sorted(known)}")
     kwargs = dict(raw)
     for name, cls in _SECTIONS.items():
-        section = kwargs.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{name} must be a mapping")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(section) - fields)
-        if bad:
-            raise ConfigError(f"unknown keys in {name}: {bad}; known: {sorted(fields)}")
-        try:
-            kwargs[name] = cls(**section)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{name}: {exc}") from None
+        # The parallel layout is checked against the launcher's world size unless the
+        # config names one (e.g. to rehearse a bigger run).
+        fixed = {"world_size": _launcher_world_size()} if cls is ParallelDims else None
+        kwargs[name] = _section(name, cls, kwargs.get(name) or {}, fixed=fixed)
     for key in ("recipe", "eval_recipe", "init_checkpoint", "run_dir"):
         if kwargs.get(key):
-            kwargs[key] = str((Path(base_dir) / kwargs[key]).resolve()) \
-                if not os.path.isabs(kwargs[key]) else kwargs[key]
+            kwargs[key] = _absolute(kwargs[key], base_dir)
     stages = kwargs.get("stage_settings") or {}
     if not isinstance(stages, dict):
         raise ConfigError("stage_settings must map recipe stage names to {lr, min_lr, schedule}")
     kwargs["stage_settings"] = {}
     for name, st in stages.items():
         st = dict(st or {})
-        bad = sorted(set(st) - {"lr", "min_lr", "schedule"})
-        if bad:
-            raise ConfigError(f"unknown keys in stage_settings.{name}: {bad}; "
-                              f"known: ['lr', 'min_lr', 'schedule']")
-        try:
-            if isinstance(st.get("schedule"), dict):
-                st["schedule"] = ScheduleConfig(**st["schedule"])
-            kwargs["stage_settings"][name] = StageSettings(**st)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"stage_settings.{name}: {exc}") from None
+        if isinstance(st.get("schedule"), dict):
+            st["schedule"] = _section(f"stage_settings.{name}.schedule", ScheduleConfig,
+                                      st["schedule"])
+        kwargs["stage_settings"][name] = _section(f"stage_settings.{name}", StageSettings, st)
     if kwargs.get("adaptive") is not None:
-        from megasyne.training.adaptive import AdaptiveTrainConfig
+        from megasyne.training.hooks.adaptive_mixture import AdaptiveTrainConfig
 
-        section = kwargs["adaptive"]
-        if not isinstance(section, dict):
-            raise ConfigError("adaptive must be a mapping (topics, interval_steps, alpha, ...)")
-        fields = {f.name for f in dataclasses.fields(AdaptiveTrainConfig)}
-        bad = sorted(set(section) - fields)
-        if bad:
-            raise ConfigError(f"unknown keys in adaptive: {bad}; known: {sorted(fields)}")
-        try:
-            kwargs["adaptive"] = AdaptiveTrainConfig(**section)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"adaptive: {exc}") from None
+        kwargs["adaptive"] = _section("adaptive", AdaptiveTrainConfig, kwargs["adaptive"],
+                                      hint=" (topics, interval_steps, alpha, ...)")
     if kwargs.get("bench_eval") is not None:
-        from megasyne.training.bench_eval import BenchEvalConfig
+        from megasyne.training.hooks.bench_probe import BenchEvalConfig
 
-        section = dict(kwargs["bench_eval"]) if isinstance(kwargs["bench_eval"], dict) else None
-        if section is None:
-            raise ConfigError("bench_eval must be a mapping (tasks, tokenizer, interval_steps, ...)")
-        fields = {f.name for f in dataclasses.fields(BenchEvalConfig)}
-        bad = sorted(set(section) - fields)
-        if bad:
-            raise ConfigError(f"unknown keys in bench_eval: {bad}; known: {sorted(fields)}")
-        for key in ("tasks", "tokenizer"):
-            if section.get(key) and not os.path.isabs(section[key]):
-                section[key] = str((Path(base_dir) / section[key]).resolve())
-        try:
-            kwargs["bench_eval"] = BenchEvalConfig(**section)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bench_eval: {exc}") from None
+        section = kwargs["bench_eval"]
+        if isinstance(section, dict):
+            section = {k: (_absolute(v, base_dir) if k in ("tasks", "tokenizer") and v else v)
+                       for k, v in section.items()}
+        kwargs["bench_eval"] = _section("bench_eval", BenchEvalConfig, section,
+                                        hint=" (tasks, tokenizer, interval_steps, ...)")
     if "fault_nan_steps" in kwargs:
         kwargs["fault_nan_steps"] = tuple(kwargs["fault_nan_steps"] or ())
     try:
         return TrainConfig(**kwargs)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _launcher_world_size() -> int:
+    from megasyne.parallel.init import launcher_world
+
+    return launcher_world()[2]
 
 
 def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megasyne.atomic import atomic_write_text
 
@@ -90,3 +91,9 @@ def console_line(r: dict) -> str:
     if src:
         parts.append(" ".join(f"{k}={v:.3f}" for k, v in src.items()))
     return " | ".join(parts)
+
+
+def print0(msg: str) -> None:
+    """Print on global rank 0 only (every rank runs the same loop)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)

@@ -5,7 +5,7 @@ checkpoint gets the same prompts and the same scores as the HF original:
 - loaded directly into the Megatron-Core training model (tools/evaluate.py --load megatron):
   same prompts, same predictions, same generations, log-likelihoods within fp32 noise;
 - exported back to HF (the --load export path): identical to the last bit;
-- in training: InTrainingEval with megatron_score_fn counts what the offline run counts.
+- in training: InTrainingEval with the Megatron scorer's score_fn counts what the offline run counts.
 One multiple-choice result is recomputed by hand with plain transformers.
 """
 
@@ -20,10 +20,11 @@ import sys
 import pytest
 import torch
 
-from megasyne.eval.lm import HFScorer, hf_score_fn
+from megasyne.eval.lm import hf_model_scorer
 from megasyne.eval.in_training import InTrainingEval
 from megasyne.eval.runner import evaluate, read_results, run_tasks
 from megasyne.eval.tasks import TaskSpec, load_task_file
+from megasyne.scorers import score_fn
 from tests.eval.conftest import run_tool
 from tests.eval.megatron_worker import IN_TRAINING_ITEMS, IN_TRAINING_TASKS
 from tests.launch import REPO_ROOT
@@ -57,7 +58,7 @@ def smol(smollm2_hf, fixture_tasks, tmp_path_factory):
                                str(fixture_tasks), str(out)], cwd=REPO_ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        scorer = HFScorer(smollm2_hf)
+        scorer = hf_model_scorer(smollm2_hf)
         specs = load_task_file(fixture_tasks)
         hf = evaluate(scorer, specs, name="hf", model={"kind": "hf"}, allow_code_execution=True)
     finally:
@@ -96,7 +97,7 @@ def test_exported_checkpoint_is_identical(smol, tmp_path):
     exported = megasyne_to_hf(smol["out"] / "ms", tmp_path / "hf", tokenizer_dir=smol["hf_dir"],
                               progress=False)
     specs = [dataclasses.replace(s, max_items=1) for s in smol["specs"] if s.name in ("mmlu", "gsm8k")]
-    got = run_tasks(HFScorer(exported), specs)
+    got = run_tasks(hf_model_scorer(exported), specs)
     for task in ("mmlu", "gsm8k"):
         assert got["items"][task] == smol["hf"]["items"][task][:1]
 
@@ -106,8 +107,8 @@ def test_in_training_scores_equal_the_offline_run(smol):
                for i in smol["hf"]["items"][t][:IN_TRAINING_ITEMS]]
     evaluator = InTrainingEval(tasks=[s for s in smol["specs"] if s.name in IN_TRAINING_TASKS],
                                tokenizer_path=smol["hf_dir"], max_items=IN_TRAINING_ITEMS)
-    for scores in (smol["in_training"],  # megatron_score_fn over the Megatron model (worker)
-                   evaluator.scores(hf_score_fn(smol["scorer"].model))):  # the reference score_fn
+    for scores in (smol["in_training"],  # the Megatron scorer's score_fn (worker)
+                   evaluator.scores(score_fn(smol["scorer"].model))):  # the HF scorer's
         assert [(t, a) for t, a, _ in scores] == [(t, a) for t, a, _ in offline]
         for (_, _, got), (_, _, ref) in zip(scores, offline):
             assert max(abs(x - y) for x, y in zip(got, ref)) < LOGLIK_TOL, (got, ref)
@@ -125,7 +126,7 @@ def test_multiple_choice_score_checked_by_hand(smol, fixture_dir):
         ("What does the Moon orbit?\nA. The Sun\nB. The Earth\nC. Mars\nD. Jupiter", 1),
         ("Which of these is a star, not a planet?\nA. Venus\nB. Sirius\nC. Mars\nD. Saturn", 1),
     ]
-    tokenizer, model = smol["scorer"].tokenizer, smol["scorer"].model
+    tokenizer, model = smol["scorer"].tokenizer, smol["scorer"].model.model
     letters = [tokenizer(" " + x, add_special_tokens=False)["input_ids"] for x in "ABCD"]
     assert all(len(ids) == 1 for ids in letters)  # " A" .. " D" are single tokens
     correct = 0

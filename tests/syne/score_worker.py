@@ -11,14 +11,15 @@ import sys
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 
 from megasyne.syne.ppl import ScoreConfig, run_score
-from megasyne.syne.scorers import MegatronScorer
+from megasyne.scorers import MegatronScorer
 
 
 def main(checkpoint: str, prefix: str, specs: list[str]) -> None:
     scorer = None
     for spec in specs:
         name, tp, pp, block = spec.split(":")
-        scorer = MegatronScorer(checkpoint, tp=int(tp), pp=int(pp), micro_batch_size=2)
+        scorer = MegatronScorer.from_checkpoint(checkpoint, tp=int(tp), pp=int(pp),
+                                                micro_batch_size=2)
         run_score(ScoreConfig(prefix=prefix, field=f"ppl_{name}", window=48, stride=32,
                               batch_size=5, block_size=int(block), progress=False), scorer)
     if scorer is not None:

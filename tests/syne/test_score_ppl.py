@@ -131,9 +131,9 @@ def test_killed_run_resumes_and_matches_transformers(work):
 
 def test_hf_backend_matches_the_reference(work):
     from megasyne.syne.ppl import run_score
-    from megasyne.syne.scorers import HFScorer
+    from megasyne.scorers import HFScorer
 
-    scorer = HFScorer(work["root"] / "hf")
+    scorer = HFScorer.from_dir(work["root"] / "hf")
     report = run_score(ScoreConfig(prefix=work["prefix"], field="ppl_hf", window=WINDOW,
                                    stride=STRIDE, batch_size=4, block_size=10, progress=False),
                        scorer)
@@ -144,9 +144,9 @@ def test_hf_backend_matches_the_reference(work):
 def test_prepend_id_scores_the_first_token(work):
     """With a BOS in front, a document's first token is predicted too (n scored tokens, not n-1)."""
     from megasyne.syne.ppl import run_score
-    from megasyne.syne.scorers import HFScorer
+    from megasyne.scorers import HFScorer
 
-    scorer = HFScorer(work["root"] / "hf")
+    scorer = HFScorer.from_dir(work["root"] / "hf")
     report = run_score(ScoreConfig(prefix=work["prefix"], field="ppl_bos", window=WINDOW,
                                    stride=STRIDE, batch_size=8, block_size=100, prepend_id=299,
                                    progress=False), scorer)
@@ -172,6 +172,6 @@ def test_state_of_another_configuration_is_refused(tmp_path):
 def test_bad_options_fail_clearly(work):
     proc = _tool("--data-prefix", work["prefix"], "--hf-dir", work["root"] / "hf", "--tp", "2",
                  check=False)
-    assert proc.returncode == 1 and "--tp/--pp need a megasyne --checkpoint" in proc.stderr
+    assert proc.returncode == 1 and "--tp/--pp/--virtual-pp need a megasyne --checkpoint" in proc.stderr
     with pytest.raises(ValueError, match="--stride"):
         ScoreConfig(prefix="x", window=8, stride=9)

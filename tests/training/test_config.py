@@ -12,7 +12,7 @@ def config_file(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(dict(
         run_dir="run", recipe="recipe.yaml", model="tiny_debug",
-        parallel=dict(tp=2), optim=dict(lr=3e-4), global_batch_size=4,
+        parallel=dict(tp=2, world_size=4), optim=dict(lr=3e-4), global_batch_size=4,
     )))
     return path
 
@@ -48,13 +48,30 @@ def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
     (["model=init_checkpoint"], "model: init_checkpoint needs init_checkpoint"),
     (["bench_eval={tasks: nowhere.yaml, tokenizer: ., interval_steps: 5}"],
      "bench_eval: tasks: not found"),
-    (["parallel.pp=2", "parallel.virtual_pp=2",
-      "bench_eval={tasks: recipe.yaml, tokenizer: ., interval_steps: 5}"],
-     "bench_eval does not support interleaved pipeline stages"),
+    (["parallel.world_size=3"], "world size 3 is not divisible by tp\\*pp\\*cp = 2\\*1\\*1"),
+    (["parallel.tp=4"], "2 KV \\(query\\) groups are not divisible by tp=4"),
+    (["parallel.tp=1", "parallel.pp=4", "parallel.virtual_pp=2"],
+     "parallel: 4 layers cannot be split evenly into pp\\*virtual_pp = 8"),
+    (["parallel.tp=1", "parallel.pp=2", "parallel.virtual_pp=2", "parallel.world_size=2",
+      "global_batch_size=3"], "number of micro-batches \\(3\\) to be a multiple of pp=2"),
 ])
 def test_bad_values_fail_with_the_key(config_file, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(str(config_file), overrides)
+
+
+def test_world_size_is_the_launchers(config_file, monkeypatch):
+    """Without parallel.world_size the layout is checked against torchrun's WORLD_SIZE, once,
+    when the config is loaded (before any process group)."""
+    raw = yaml.safe_load(config_file.read_text())
+    del raw["parallel"]["world_size"]
+    config_file.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    cfg = load_config(str(config_file), ["global_batch_size=6"])
+    assert (cfg.parallel.world_size, cfg.parallel.tp, cfg.parallel.dp) == (6, 2, 3)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match="world size 1 is not divisible by tp\\*pp\\*cp = 2"):
+        load_config(str(config_file))
 
 
 def test_override_syntax_error():

@@ -221,12 +221,12 @@ def test_training_starts_from_a_converted_hugging_face_checkpoint(setup):
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), tokens[:, 1:].reshape(-1))
     assert loss == pytest.approx(ref.item(), abs=1e-5)
     # Step 0 (the converted weights): the same accuracy as the HF original, offline.
-    from megasyne.eval.lm import hf_score_fn
     from megasyne.eval.in_training import InTrainingEval
+    from megasyne.scorers import HFScorer, score_fn
 
     offline = InTrainingEval(tasks=str(setup / "bench.yaml"), tokenizer_path=setup / "hf_init",
                              max_items=3, max_length=SEQ, batch_size=4)
-    assert recs[0]["bench"] == offline.run(hf_score_fn(hf))
+    assert recs[0]["bench"] == offline.run(score_fn(HFScorer(hf)))
     # The same at PP2 (the pipeline schedule's forward-only pass scores the questions).
     pp = launch(setup, "from_hf_pp2", "model=init_checkpoint",
                 f"init_checkpoint={setup / 'ms_init'}", "train_steps=1", "parallel.tp=1",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megasyne.data.overlay import MixtureOverlay
 from megasyne.syne.topic_mixture import AdaptiveConfig, AdaptiveMixture
+from megasyne.training.hooks import Hook, HookContext
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -48,8 +49,10 @@ class AdaptiveTrainConfig:
                               lower=self.lower, upper=self.upper, normalise=self.normalise)
 
 
-class AdaptiveController:
+class AdaptiveMixtureHook(Hook):
     """Owns the ratios, the re-blended intervals and the decision log of one run."""
+
+    key = "adaptive"
 
     def __init__(self, cfg: AdaptiveTrainConfig, dataset, eval_sources, run_dir: Path, *,
                  global_batch_size: int, is_writer: bool, fault_growth: dict | None = None):
@@ -62,6 +65,7 @@ class AdaptiveController:
             raise ValueError(f"adaptive.topics {missing} have no source of that name in the eval "
                              f"recipe (sources: {list(eval_sources)}): their perplexity is needed")
         self.cfg, self.G, self.is_writer = cfg, global_batch_size, is_writer
+        self.num_samples = len(dataset)
         self.fault_growth = dict(fault_growth or {})
         self.overlay = MixtureOverlay(dataset, run_dir / "adaptive")
         first = self.overlay.stage_weights(0)
@@ -71,7 +75,17 @@ class AdaptiveController:
         self.mixture = AdaptiveMixture(cfg.rule(), initial)
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.interval_steps == 0
+        """Every K steps (and at step 0: the baseline), while the recipe has samples left."""
+        return step % self.cfg.interval_steps == 0 and step * self.G < self.num_samples
+
+    def run(self, step: int, ctx: HookContext) -> dict:
+        decision = self.decide(step, ctx.validation())
+        if step:
+            from megasyne.training.metrics import print0
+
+            print0(f"adaptive mixture at step {step}: " + ", ".join(
+                f"{t}={r:.3f}" for t, r in zip(decision["topics"], decision["new_ratios"])))
+        return decision
 
     def _weights_of_stage(self, k: int) -> dict:
         w = self.overlay.stage_weights(k)
@@ -105,8 +119,13 @@ class AdaptiveController:
     def state_dict(self) -> dict:
         return self.mixture.state_dict()
 
-    def load_state_dict(self, state: dict) -> int:
+    def load_state_dict(self, state: dict | None, *, checkpoint: str) -> int:
         """Restore the ratios and re-apply the intervals decided up to the saved state."""
+        if state is None:
+            from megasyne.training.config import ConfigError
+
+            raise ConfigError(f"{checkpoint} was saved without the adaptive mixture; resume it "
+                              f"with the same adaptive settings it was started with")
         self.mixture.load_state_dict(state)
         last = self.mixture.last_step
         if last is None or last == 0:

@@ -1,11 +1,14 @@
 """Benchmark accuracy inside training: a fixed multiple-choice subset (e.g. a few hundred MMLU
-and C-Eval questions) scored every N steps next to the per-source losses, so forgetting shows
-during the run (megasyne.eval.in_training does the prompts and counting)."""
+and C-Eval questions) scored every N steps (and before the first step of a fresh run) next to
+the per-source losses, so forgetting shows during the run. megasyne.eval.in_training does the
+prompts and counting, megasyne.scorers the forward passes (any TP / PP / virtual stages)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from megasyne.training.hooks import Hook, HookContext
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -32,8 +35,10 @@ class BenchEvalConfig:
                 raise ValueError(f"{key}: not found: {getattr(self, key)}")
 
 
-class BenchEval:
+class BenchProbeHook(Hook):
     """Built on every rank at start-up (all file/task errors surface then, before training)."""
+
+    key = "bench"
 
     def __init__(self, cfg: BenchEvalConfig, vocab_size: int):
         from megasyne.eval.in_training import InTrainingEval
@@ -46,23 +51,30 @@ class BenchEval:
     def due(self, step: int) -> bool:
         return step % self.cfg.interval_steps == 0
 
-    def run(self, ddp_chunks: list) -> dict:
+    def run(self, step: int, ctx: HookContext) -> dict:
+        accuracies = self.measure(ctx.trainer.chunks)
+        if step:
+            from megasyne.training.metrics import print0
+
+            print0(f"benchmarks at step {step}: " + ", ".join(
+                f"{k}={v:.3f}" for k, v in accuracies.items()))
+        return accuracies
+
+    def measure(self, chunks: list) -> dict:
         """{task: accuracy}: this DP rank scores its shard, counts are summed over DP."""
         import torch
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        from megasyne.checkpoint.sharding import unwrap
-        from megasyne.eval.lm import megatron_score_fn
         from megasyne.eval.in_training import accuracies_from_counts
         from megasyne.parallel.init import comm_device
+        from megasyne.scorers import MegatronScorer, score_fn
 
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            score_fn = pipeline_score_fn(ddp_chunks, self.vocab_size)
-        else:
-            score_fn = megatron_score_fn(unwrap(ddp_chunks[0]), self.vocab_size)
-        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        counts = self.evaluator.counts(score_fn, shard=(dp_rank, dp))
+        # One forward pass per batch of questions (PP1), or PP micro-batches of it.
+        pp = ps.get_pipeline_model_parallel_world_size()
+        scorer = MegatronScorer(chunks, vocab_size=self.vocab_size,
+                                micro_batch_size=max(1, self.cfg.batch_size // pp))
+        counts = self.evaluator.counts(score_fn(scorer), shard=(scorer.dp_rank, scorer.dp_size))
         names = sorted(counts)
         total = torch.tensor([v for n in names for v in counts[n]], dtype=torch.float64,
                              device=comm_device())
@@ -71,31 +83,3 @@ class BenchEval:
         total = total.cpu().tolist()
         return accuracies_from_counts({n: (int(total[2 * i]), int(total[2 * i + 1]))
                                        for i, n in enumerate(names)})
-
-
-def pipeline_score_fn(ddp_chunks: list, vocab_size: int):
-    """The in-training score_fn contract (megasyne.eval.in_training) at PP > 1: the pipeline
-    schedule's forward-only pass (megasyne.syne.scorers.MegatronScorer, the one score_ppl uses),
-    summed log-probabilities of each continuation, the same on every rank of the replica."""
-    import numpy as np
-    from megatron.core import parallel_state as ps
-
-    from megasyne.syne.scorers import MegatronScorer
-
-    scorer = MegatronScorer.from_model(ddp_chunks, vocab_size=vocab_size)
-    tp = ps.get_tensor_model_parallel_world_size()
-
-    def score_fn(sequences, starts):
-        b = len(sequences)
-        s = -(-(max(map(len, sequences)) - 1) // tp) * tp   # sequence parallel: a multiple of TP
-        tokens = np.zeros((b, s), dtype=np.int64)
-        labels = np.zeros((b, s), dtype=np.int64)
-        mask = np.zeros((b, s), dtype=bool)
-        for i, (seq, start) in enumerate(zip(sequences, starts)):
-            n = len(seq) - 1
-            tokens[i, :n], labels[i, :n] = seq[:-1], seq[1:]
-            mask[i, start - 1:n] = True    # label j is token j + 1: continuation from `start`
-        nll, _ = scorer.nll(tokens, labels, mask)
-        return [-float(x) for x in nll]
-
-    return score_fn

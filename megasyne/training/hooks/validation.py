@@ -1,0 +1,77 @@
+"""Validation: forward-only loss and perplexity per source on held-out data.
+
+The first ``eval_samples`` samples of the eval recipe's index (the same ones every time, cut to
+whole micro-batches over the data-parallel ranks) are scored by the one forward-only scorer
+(``megasyne.scorers.MegatronScorer``) on the trainer's own model chunks, at any TP / PP /
+virtual stages; each DP rank scores its contiguous share and the per-source sums are reduced
+over the data-parallel group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megasyne.training.hooks import Hook, HookContext
+
+
+class Validator:
+    """Measures the per-source validation loss of model chunks on an eval index."""
+
+    def __init__(self, eval_set, *, samples: int, micro_batch_size: int, vocab_size: int):
+        self.eval_set = eval_set
+        self.samples = samples
+        self.micro_batch_size = micro_batch_size
+        self.vocab_size = vocab_size
+
+    def measure(self, chunks: list) -> dict:
+        """{"loss", "ppl", "<source>/loss", "<source>/ppl", ...} (the same on every rank)."""
+        from megatron.core import parallel_state as ps
+
+        from megasyne.parallel.init import comm_device
+        from megasyne.scorers import MegatronScorer
+        from megasyne.training.batches import micro_batches
+
+        dp, mbs = ps.get_data_parallel_world_size(), self.micro_batch_size
+        n = min(self.samples, len(self.eval_set)) // (dp * mbs) * dp * mbs
+        if n == 0:
+            return {}
+        batch = micro_batches(self.eval_set, first_sample=0, per_rank=n // dp,
+                              dp_rank=ps.get_data_parallel_rank(), micro_batch_size=mbs)
+        rows = {k: torch.cat([mb[k] for mb in batch]).numpy()
+                for k in ("tokens", "labels", "loss_mask", "source")}
+        scorer = MegatronScorer(chunks, vocab_size=self.vocab_size, micro_batch_size=mbs)
+        nll, count = scorer.nll(rows["tokens"], rows["labels"], rows["loss_mask"] > 0)
+        sources = list(self.eval_set.source_names)
+        table = np.zeros((len(sources), 2), dtype=np.float64)    # [source, (nll_sum, tokens)]
+        np.add.at(table[:, 0], rows["source"], nll)
+        np.add.at(table[:, 1], rows["source"], count)
+        total = torch.from_numpy(table).to(comm_device())
+        if dist.is_initialized():
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        table = total.cpu().numpy()
+        loss = float(table[:, 0].sum() / table[:, 1].sum())
+        out = {"loss": loss, "ppl": math.exp(min(loss, 50))}
+        for (nll_sum, tokens), name in zip(table, sources):
+            if tokens > 0:
+                out[f"{name}/loss"] = float(nll_sum / tokens)
+                out[f"{name}/ppl"] = math.exp(min(nll_sum / tokens, 50))
+        return out
+
+
+class ValidationHook(Hook):
+    """Validation every ``interval`` steps (not before the first step)."""
+
+    key = "eval"
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def due(self, step: int) -> bool:
+        return step > 0 and step % self.interval == 0
+
+    def run(self, step: int, ctx: HookContext) -> dict:
+        return ctx.validation()
