@@ -184,7 +184,6 @@ def main() -> None:
     args = ap.parse_args()
     args.out = args.out or os.path.join(
         REPO, f"benchmarks/results/convert_{args.model}_{args.dtype}.json")
-    sys.path.insert(0, REPO)
     work = args.work or tempfile.mkdtemp(prefix="bench_convert_")
     os.makedirs(work, exist_ok=True)
     hf, ms, back, naive = (os.path.join(work, n) for n in ("hf", "megasyne", "hf_back", "naive"))

@@ -36,7 +36,6 @@ import threading
 import time
 import zipfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("MEGASYNE_CACHE", os.path.expanduser("~/.cache/megasyne"))
 
 
@@ -103,7 +102,6 @@ def _rss_sampler(stop: threading.Event, peak: list[int]) -> None:
 def child(args) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # megatron imports triton (CPU machine)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, REPO)
     # Both load the same libraries (megatron-core pulls in torch) so only the pipelines differ.
     import megatron.core.datasets.indexed_dataset  # noqa: F401
     import megasyne.data.preprocess  # noqa: F401

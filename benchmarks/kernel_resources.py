@@ -44,8 +44,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 # Per-program limits of each target: max dynamic shared memory per block (bytes) and max
 # registers per thread (CUDA compute capability tables).
 LIMITS = {80: dict(shared=163 * 1024, regs=255), 90: dict(shared=227 * 1024, regs=255)}
@@ -327,7 +325,6 @@ def main(argv=None) -> int:
     interpret = os.environ.setdefault("TRITON_INTERPRET", "0")
     if interpret not in ("", "0"):
         ap.error(f"TRITON_INTERPRET={interpret}: the interpreter would replace the kernels; unset it")
-    sys.path.insert(0, str(REPO))
     t0 = time.perf_counter()
     records = []
     for arch in args.arch or [90, 80]:

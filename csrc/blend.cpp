@@ -22,7 +22,7 @@
  * int64 overflow however long the interval.
  *
  * source_sample[i] = cursor_s + count_s: the index into source s's own sample
- * stream, so a later interval (the next stage, or issue 6's re-weighted interval)
+ * stream, so a later interval (the next stage, or the adaptive mixture's re-weighted interval)
  * continues exactly where this one stopped.
  */
 #include "index_builders.h"

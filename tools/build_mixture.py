@@ -27,9 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from megasyne.data.mixture import build_or_load_index, read_index_json  # noqa: E402
+from megasyne.data.mixture import build_or_load_index, read_index_json
 
 log = logging.getLogger("build_mixture")
 _CHUNK = 1 << 22

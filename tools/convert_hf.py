@@ -23,17 +23,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 
-import megasyne  # noqa: E402,F401  (sets TRITON_INTERPRET before megatron imports triton)
-
-from megasyne.checkpoint.dist import CheckpointError  # noqa: E402
-from megasyne.checkpoint.hf import DTYPES, HFConversionError  # noqa: E402
-from megasyne.checkpoint.hf_convert import (  # noqa: E402
+from megasyne.checkpoint.dist import CheckpointError
+from megasyne.checkpoint.hf import DTYPES, HFConversionError
+from megasyne.checkpoint.hf_convert import (
     check_output, hf_to_megasyne, inspect_hf, megasyne_to_hf,
 )
-from megasyne.model.config import ModelConfigError  # noqa: E402
-from megasyne.parallel.dims import ParallelConfigError  # noqa: E402
+from megasyne.model.config import ModelConfigError
+from megasyne.parallel.dims import ParallelConfigError
 
 ERRORS = (HFConversionError, CheckpointError, ModelConfigError, ParallelConfigError)
 

@@ -26,19 +26,16 @@ the file, line or task).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 
-import megasyne  # noqa: E402,F401  (sets TRITON_INTERPRET before megatron imports triton)
-
-from megasyne.checkpoint.dist import CheckpointError  # noqa: E402
-from megasyne.checkpoint.hf import HFConversionError  # noqa: E402
-from megasyne.eval.benchmark_files import EvalDataError  # noqa: E402
-from megasyne.eval.tasks import EvalConfigError, load_task_file, preset_tasks  # noqa: E402
+from megasyne.checkpoint.dist import CheckpointError
+from megasyne.checkpoint.hf import HFConversionError
+from megasyne.eval.benchmark_files import EvalDataError
+from megasyne.eval.tasks import EvalConfigError, load_task_file, preset_tasks
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -26,9 +26,7 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import megasyne  # noqa: E402,F401
+import megasyne  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TAXONOMY = os.path.join(ROOT, "examples", "syne", "taxonomy.yaml")

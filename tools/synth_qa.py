@@ -28,9 +28,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import megasyne  # noqa: E402,F401
+import megasyne  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DISCIPLINES = os.path.join(ROOT, "examples", "syne", "disciplines.yaml")

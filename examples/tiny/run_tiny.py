@@ -95,7 +95,6 @@ def main() -> int:
                     help="extra overrides for pretrain_syne.py (e.g. parallel.tp=1 parallel.pp=2)")
     args = ap.parse_args()
     t0 = time.time()
-    sys.path.insert(0, str(ROOT))
 
     banner("1/5 tokenizer (byte-level BPE, 2048 entries)")
     tokenizer = train_tokenizer()

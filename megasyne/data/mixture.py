@@ -34,7 +34,7 @@ Output directory (``build_or_load_index``), all ``.npy`` with their shapes:
 for ``shuffle`` sources. Nothing in the directory depends on time or host, so the same recipe and
 data give bit-identical files.
 
-The trainer's adaptive mixture (issue 6) extends a run interval by interval with
+The trainer's adaptive mixture (``megasyne.data.overlay``) extends a run interval by interval with
 :func:`blend_interval` from the last cursors (``cursors.npy[-1]``): same greedy, same guarantees.
 """
 
@@ -237,7 +237,7 @@ def blend_interval(weights: Sequence[float] | Mapping[str, float], num_samples: 
                    cursors, source_names: Sequence[str] | None = None) -> BlendResult:
     """Blend the next ``num_samples`` samples from cursor state ``cursors`` (int64 [S]).
 
-    The building block of every stage and of the trainer's adaptive intervals (issue 6): call it
+    The building block of every stage and of the trainer's adaptive intervals: call it
     with the new weights and the previous result's ``cursors``; the guarantees (exact mixture at
     every prefix of the interval, no sample repeated) hold interval by interval. ``weights`` is
     [S] in source-id order, or a mapping name -> weight with ``source_names`` giving that order.

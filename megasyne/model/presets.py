@@ -1,6 +1,6 @@
 """Named model presets: small functions returning a validated ``LlamaConfig``.
 
-Numbers from the model cards / config.json of each release (see MISSION.md).
+Numbers from the model cards / config.json of each release (tabulated in docs/recipe.md).
 """
 
 from __future__ import annotations

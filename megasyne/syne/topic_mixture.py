@@ -12,8 +12,9 @@ topic i, ``p_i(t)``, and moves the topic ratios::
     then clamp to [lower_i, upper_i] with renormalisation (below).
 
 A topic whose perplexity rose (it is being forgotten or not yet learnt) gets f_i > 1 and a larger
-share; one that improved gets f_i < 1. ``w_i`` lets a run care more about some topics (MISSION.md
-names it without fixing it; it is configuration here). When every d_i is 0 the ratios stay.
+share; one that improved gets f_i < 1. ``w_i`` lets a run care more about some topics (the paper
+names it without fixing it; it is configuration here, see docs/recipe.md). When every d_i is 0
+the ratios stay.
 
 Clamping keeps the proportions of the topics that stay inside their bounds: the result is
 ``clip(c * r_i, lower_i, upper_i)`` with the one scale ``c`` for which the ratios sum to 1 (solved

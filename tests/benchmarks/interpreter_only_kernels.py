@@ -7,7 +7,6 @@ import sys
 
 MODE = sys.argv[1]
 os.environ["TRITON_INTERPRET"] = "1" if MODE == "interpret" else "0"
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -46,9 +45,9 @@ LAUNCHES = {
 
 result = {}
 if MODE == "compile":
-    from kernel_resources import Recorder
+    from tests.scripts import load_script  # the test puts the repository on PYTHONPATH
 
-    rec = Recorder(90)
+    rec = load_script("benchmarks/kernel_resources.py").Recorder(90)
     rec.install()
 for name, launch in LAUNCHES.items():
     x = torch.ones(16)

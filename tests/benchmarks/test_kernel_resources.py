@@ -9,9 +9,10 @@ import sys
 import pytest
 
 from tests.launch import REPO_ROOT
+from tests.scripts import load_script
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from kernel_resources import Compiled, problems  # noqa: E402
+kernel_resources = load_script("benchmarks/kernel_resources.py")
+Compiled, problems = kernel_resources.Compiled, kernel_resources.problems
 
 OURS = {"_rmsnorm_fwd_kernel", "_rmsnorm_bwd_kernel", "_ce_fwd_kernel", "_ce_bwd_kernel",
         "_ce_fwd_grad_kernel", "_scale_rows_kernel", "_rope_kernel", "_swiglu_fwd_kernel",

@@ -8,9 +8,11 @@ import sys
 import pytest
 
 from tests.launch import REPO_ROOT
+from tests.scripts import load_script
 
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from step_profile import OTHER, kernel_category, summarise  # noqa: E402
+step_profile = load_script("benchmarks/step_profile.py")
+OTHER, kernel_category, summarise = (step_profile.OTHER, step_profile.kernel_category,
+                                     step_profile.summarise)
 
 
 @pytest.mark.parametrize("name, category", [
@@ -62,8 +64,7 @@ def test_bench_train_dry_run_with_profile(tmp_path):
 def test_sync_sites_counts_the_synchronising_lines():
     import warnings
 
-    from step_profile import sync_sites
-
+    sync_sites = step_profile.sync_sites
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):

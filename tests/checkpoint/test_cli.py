@@ -6,7 +6,6 @@ The happy path runs the real script in subprocesses (~8 s); the error cases call
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,15 +16,13 @@ import torch
 from megasyne.checkpoint.hf import HFCheckpoint
 from tests.checkpoint.hf_models import make_hf_model
 from tests.launch import REPO_ROOT
+from tests.scripts import load_script
 
 TOOL = REPO_ROOT / "tools" / "convert_hf.py"
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("convert_hf_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(TOOL)
 
 
 @pytest.fixture(scope="module")

@@ -185,7 +185,7 @@ def test_stage_of_and_bounds(fits_index):
 
 
 def test_blend_interval_extends_from_the_last_cursors(fits_index):
-    """Issue 6: the trainer extends the run interval by interval from cursors.npy[-1]."""
+    """The adaptive mixture extends the run interval by interval from cursors.npy[-1]."""
     ds = MixtureDataset(fits_index)
     last = np.load(fits_index / "cursors.npy")[-1]
     nxt = blend_interval({"web_en": 0.5, "book": 0.5}, 50, last, source_names=ds.source_names)

@@ -109,6 +109,16 @@ def test_syne_recipe_has_the_papers_numbers():
     assert all(s.order == "shuffle" for n, s in r.sources.items() if not n.endswith("_web"))
 
 
+def test_syne_run_configs_read_the_whole_recipe_and_no_more():
+    """The trainer refuses train_steps x global_batch_size above the recipe's samples."""
+    import yaml
+
+    samples = load_recipe(REPO / "examples/recipes/syne_llama3_8b.yaml").num_samples
+    for name in ("llama3_8b_stage1.yaml", "llama3_8b_stage2.yaml"):
+        cfg = yaml.safe_load((REPO / "examples/syne" / name).read_text())
+        assert cfg["train_steps"] == samples // cfg["global_batch_size"], name
+
+
 @pytest.mark.parametrize("name", ["tiny_cpu.yaml", "tinyllama_surrogate.yaml"])
 def test_other_example_recipes_load(name):
     r = load_recipe(REPO / "examples/recipes" / name)

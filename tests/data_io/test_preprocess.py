@@ -14,10 +14,10 @@ from megasyne.data.indexed_dataset import IndexedDataset
 from megasyne.data.metadata import metadata_field_info, read_metadata_field
 from megasyne.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
 from megasyne.data.tokenizers import load_tokenizer
+from tests.scripts import load_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import preprocess_data  # noqa: E402
+preprocess_data = load_script("tools/preprocess_data.py")
 
 
 def write_jsonl(path, records, compress=None):

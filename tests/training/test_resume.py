@@ -2,7 +2,7 @@
 
 Same layout: the resumed losses are bit-identical to the uninterrupted run. Changed
 layout (TP2 -> PP2, with the plain and the distributed optimizer): within 1e-5.
-A weights-only resume (fresh Adam) differs by ~2.5e-3 (CPU_NOTES), so these tests do
+A weights-only resume (fresh Adam) differs by ~2.5e-3 (docs/design.md), so these tests do
 catch missing optimizer state.
 """
 
