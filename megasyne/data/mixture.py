@@ -293,9 +293,12 @@ def fingerprint_of(inputs: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _what_changed(old: dict, new: dict) -> str:
-    old_in = old.get("inputs", {})
-    changed = [k for k in ("code_version", "recipe") if old_in.get(k) != new[k]]
+def what_changed(old_inputs: dict, new: dict) -> str:
+    """What differs between two index inputs (:func:`index_inputs`), in words: recipe keys by
+    path, sources by what changed in their data."""
+    old_in = old_inputs
+    changed = [] if old_in.get("code_version") == new["code_version"] else ["code_version"]
+    changed += [f"recipe {path}" for path in _diff_paths(old_in.get("recipe"), new["recipe"])]
     for name, fp in new["sources"].items():
         ofp = old_in.get("sources", {}).get(name)
         if ofp is None:
@@ -307,6 +310,20 @@ def _what_changed(old: dict, new: dict) -> str:
         elif ofp.get("metric") != fp["metric"]:
             changed.append(f"source {name} metric sidecar")
     return ", ".join(changed) or "index format"
+
+
+def _diff_paths(old, new, path: str = "") -> list[str]:
+    """Dotted paths where two JSON-like values differ (at most a dozen)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff_paths(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
+        return out[:12]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [p for i, (a, b) in enumerate(zip(old, new))
+                for p in _diff_paths(a, b, f"{path}[{i}]")][:12]
+    return [] if old == new else [f"{path} ({old!r} -> {new!r})" if not isinstance(old, (dict, list))
+                                  and not isinstance(new, (dict, list)) else path]
 
 
 # --------------------------------------------------------------------------- build
@@ -442,11 +459,13 @@ def read_index_json(index_dir: str | os.PathLike) -> dict | None:
 
 
 def build_or_load_index(recipe: Recipe | str | os.PathLike, output_dir: str | os.PathLike, *,
-                        force: bool = False) -> IndexBuild:
+                        force: bool = False, keep_stale: bool = False) -> IndexBuild:
     """Reuse ``output_dir`` if its fingerprint matches the recipe + data + code, else rebuild.
 
     The rebuild goes to a temporary sibling directory, renamed into place when complete, so a
-    crash never leaves a half-written index that a later call would trust.
+    crash never leaves a half-written index that a later call would trust. With ``keep_stale``
+    the index it replaces is kept as ``<output_dir>.<its fingerprint[:12]>`` (a run's record of
+    what it read before its recipe or data changed), else deleted.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -464,16 +483,20 @@ def build_or_load_index(recipe: Recipe | str | os.PathLike, output_dir: str | os
         elif old is None:
             reason = "no index yet" if not out.exists() else "no readable index.json"
         else:
-            reason = f"stale cache, changed: {_what_changed(old, inputs)}"
+            reason = f"stale cache, changed: {what_changed(old.get('inputs', {}), inputs)}"
         logger.info("mixture index: building %s (%s)", out, reason)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             build_index(recipe, tmp, sources=sources)
             if out.exists():
-                trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                keep = out.parent / f"{out.name}.{old['fingerprint'][:12]}" \
+                    if keep_stale and old is not None and old.get("fingerprint") else None
+                trash = keep if keep is not None and not keep.exists() else \
+                    out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 os.rename(out, trash)
                 os.rename(tmp, out)
-                shutil.rmtree(trash, ignore_errors=True)
+                if trash != keep:
+                    shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(tmp, out)
         finally:
@@ -485,5 +508,5 @@ __all__ = [
     "INDEX_FORMAT_VERSION", "IndexBuild", "IndexBuildError", "SourceData", "blend_interval",
     "build_index", "build_or_load_index", "check_exhaustion", "code_version", "document_order",
     "fingerprint_of", "index_inputs", "open_source", "open_sources", "read_index_json",
-    "sample_shuffle",
+    "sample_shuffle", "what_changed",
 ]

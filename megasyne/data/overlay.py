@@ -31,6 +31,20 @@ class OverlayError(RuntimeError):
     """An interval cannot be re-blended on this index (e.g. a source would run out)."""
 
 
+def stream_cursors(source_id: np.ndarray, num_sources: int, sample: int, *, since: int = 0,
+                   base: np.ndarray | None = None) -> np.ndarray:
+    """Every source's stream position before global sample ``sample`` (int64 [S]).
+
+    Every stream starts at 0 at sample 0 and every sample takes the next sample of its source's
+    stream, in the static index and in every re-blended interval alike, so the position is the
+    number of the source's samples before ``sample``. After a rebase at ``since`` (where the
+    positions were ``base``), only the samples from ``since`` on are counted on top of ``base``.
+    """
+    counts = np.bincount(np.asarray(source_id[since:sample], dtype=np.int64),
+                         minlength=num_sources)
+    return counts if base is None else np.asarray(base, dtype=np.int64) + counts
+
+
 class MixtureOverlay:
     """A MixtureDataset whose samples from some point on follow re-blended intervals."""
 
@@ -69,10 +83,13 @@ class MixtureOverlay:
     def stage_weights(self, k: int) -> dict[str, float]:
         return dict(self.dataset.meta["stages"][k]["weights"])
 
-    def reblend(self, first: int, end: int, weights_of_stage) -> dict:
+    def reblend(self, first: int, end: int, weights_of_stage, *,
+                cursors: np.ndarray | None = None) -> dict:
         """Blend samples [first, end) again; ``weights_of_stage(k)`` -> {source: weight}.
 
         Pieces never cross a stage boundary: each uses its own stage's (adjusted) weights.
+        Every source starts at its cursor before ``first`` (or at ``cursors``: a rebase onto
+        this index of positions reached under another one).
         Returns the interval's arrays (also applied in memory; call :meth:`save` to persist).
         """
         ds = self.dataset
@@ -82,7 +99,7 @@ class MixtureOverlay:
         if self.applied and first != self.applied[-1][1]:
             raise OverlayError(f"intervals must be contiguous: next starts at "
                                f"{self.applied[-1][1]}, got {first}")
-        cursors = self.cursors_at(first)
+        cursors = self.cursors_at(first) if cursors is None else np.asarray(cursors, np.int64)
         ids, samples = [], []
         at = first
         while at < end:

@@ -14,11 +14,12 @@ import torch
 import torch.distributed as dist
 
 
-def build_index_on_rank0(recipe_path: str, index_dir: Path):
+def build_index_on_rank0(recipe_path: str, index_dir: Path, *, keep_stale: bool = False):
     """Rank 0 builds (or validates the cache of) the mixture index; the others wait.
 
     The outcome is broadcast, so a failure on rank 0 becomes the same clear error on
-    every rank instead of the others hanging at a barrier.
+    every rank instead of the others hanging at a barrier. ``keep_stale``: an index of other
+    inputs found there is kept beside it (see ``build_or_load_index``).
     """
     from megasyne.data.mixture import build_or_load_index
     from megasyne.data.recipe import load_recipe
@@ -26,7 +27,7 @@ def build_index_on_rank0(recipe_path: str, index_dir: Path):
     status = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            build_or_load_index(load_recipe(recipe_path), index_dir)
+            build_or_load_index(load_recipe(recipe_path), index_dir, keep_stale=keep_stale)
             status = ["ok"]
         except Exception as exc:  # re-raised on every rank below
             status = [f"{type(exc).__name__}: {exc}"]

@@ -115,6 +115,10 @@ class TrainConfig:
     bench_eval: "BenchEvalConfig | None" = None
     """Benchmark accuracy during training (megasyne.training.bench_eval): a fixed
     multiple-choice subset scored every interval_steps (any TP/PP/DP, no virtual stages)."""
+    rebase_data: bool = False
+    """On resume, when the recipe or a source's data changed since the checkpoint: continue
+    every source from its saved stream position under the new recipe (instead of refusing).
+    See megasyne.training.data_state."""
     fault_topic_ppl_growth: dict = field(default_factory=dict)
     """Testing hook: topic -> rate at which its measured validation perplexity is made to grow
     per adaptive interval (to exercise the adaptive mixture on a tiny model)."""

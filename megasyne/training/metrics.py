@@ -8,6 +8,7 @@ recomputation not counted). On CPU there is no meaningful peak: MFU is null.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,10 @@ from megasyne.atomic import atomic_write_text
 
 # Dense bf16 peak per card (vendor datasheets; SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12}
+
+
+class MetricsError(ValueError):
+    """metrics.jsonl cannot be read back (a corrupt line other than a torn last one)."""
 
 
 def peak_flops_per_device() -> float | None:
@@ -45,12 +50,29 @@ class MetricsLog:
                 self.tb = None
 
     def truncate_after(self, step: int) -> None:
-        """Keep records of steps <= step (a killed run may have logged steps it never saved)."""
+        """Keep records of steps <= step (a killed run may have logged steps it never saved).
+
+        A torn last line (the process died mid-write) is dropped with a warning; a bad line
+        anywhere else is a corrupt file, reported with its line number."""
         if not self.is_writer or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if n == len(lines):
+                    warnings.warn(f"{self.path}:{n}: dropping a torn last line (the run was "
+                                  f"killed while writing it): {line[:80]!r}", stacklevel=2)
+                    continue
+                raise MetricsError(f"{self.path}:{n}: not a JSON record ({line[:80]!r}); "
+                                   f"repair or remove that line to resume") from None
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.is_writer:

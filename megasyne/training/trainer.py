@@ -29,9 +29,11 @@ from megasyne.parallel.init import comm_device, init_parallel, launcher_world
 from megasyne.training import metrics as M
 from megasyne.training.batches import build_index_on_rank0, check_vocabulary, micro_batches
 from megasyne.training.config import ConfigError, TrainConfig, dump_config
+from megasyne.training.data_state import RunData
 from megasyne.training.hooks import HookContext, build_hooks
 from megasyne.training.hooks.validation import Validator
 from megasyne.training.optim import build_optimizer, wrap_ddp
+from megasyne.training.run_lock import RunDirLock
 from megasyne.training.schedule import lr_at, stage_step_ranges
 from megasyne.training.step import StepResult, gpt_forward_step, train_step
 
@@ -69,9 +71,18 @@ class Trainer:
         self.rank = launcher_world()[0]
         self.run_dir = Path(cfg.run_dir)
         self.model_cfg = cfg.model_config()
+        # Rank 0 holds the run directory for the whole run (a second launcher fails here).
+        self.lock = RunDirLock(self.run_dir).acquire() if self.rank == 0 else None
+        try:
+            self._build(cfg)
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _build(self, cfg: TrainConfig) -> None:
         init_parallel(self.dims, seed=cfg.seed)
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
         dist.barrier()
         self._build_data()
@@ -97,7 +108,9 @@ class Trainer:
     def _build_data(self) -> None:
         """The recipe's index, and the steps and stages of this run, checked against the model."""
         cfg, G = self.cfg, self.cfg.global_batch_size
-        self.dataset = build_index_on_rank0(cfg.recipe, self.run_dir / "index")
+        self.dataset = build_index_on_rank0(cfg.recipe, self.run_dir / "index", keep_stale=True)
+        self.run_data = RunData(self.dataset, rebase_allowed=cfg.rebase_data,
+                                adaptive=cfg.adaptive is not None)
         self.seq_length = self.dataset.seq_length
         try:
             check_vocabulary(self.dataset, self.model_cfg.vocab_size, f"recipe {cfg.recipe}")
@@ -131,21 +144,34 @@ class Trainer:
         state = dict(consumed_samples=self.step * self.cfg.global_batch_size,
                      global_batch_size=self.cfg.global_batch_size,
                      layout=self.dims.layout_dict(), skipped_steps=self.skipped_steps,
-                     recipe=self.cfg.recipe)
+                     recipe=self.cfg.recipe,
+                     data=self.run_data.state_dict(self.step * self.cfg.global_batch_size))
         for hook in self.hooks:
             hook_state = hook.state_dict()
             if hook_state is not None:
                 state[hook.key] = hook_state
         return state
 
-    def load_state_dict(self, state: dict, *, checkpoint: str) -> None:
+    def check_resumable(self, state: dict, *, checkpoint: str) -> None:
+        """Before loading a checkpoint: refuse what cannot continue this run exactly."""
         if state.get("global_batch_size") != self.cfg.global_batch_size:
             raise ConfigError(f"{checkpoint}: saved with global_batch_size "
                               f"{state.get('global_batch_size')}, this run uses "
                               f"{self.cfg.global_batch_size}; resume with the same value")
+        saved_dist_opt = state.get("layout", {}).get("distributed_optimizer", False)
+        if saved_dist_opt != self.dims.distributed_optimizer:
+            raise ConfigError(f"{checkpoint} was saved with parallel.distributed_optimizer="
+                              f"{saved_dist_opt} and Megatron cannot load it into the other "
+                              f"optimizer kind: resume with the same setting")
+        consumed = int(state.get("consumed_samples", 0))
+        self.run_data.check(state.get("data"), consumed, checkpoint=checkpoint)
+
+    def load_state_dict(self, state: dict, *, checkpoint: str) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         for hook in self.hooks:
             hook.load_state_dict(state.get(hook.key), checkpoint=checkpoint)
+        self.run_data.verify(state.get("data"), self.step * self.cfg.global_batch_size,
+                             checkpoint=checkpoint)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint of the run, if any (else start: from
@@ -159,12 +185,7 @@ class Trainer:
                                      model_config=self.model_cfg.to_dict())
                 print0(f"initial weights from {cfg.init_checkpoint}")
             return False
-        saved = ckpt.read_manifest(path)["extra"]
-        saved_dist_opt = saved.get("layout", {}).get("distributed_optimizer", False)
-        if saved_dist_opt != self.dims.distributed_optimizer:
-            raise ConfigError(f"{path} was saved with parallel.distributed_optimizer="
-                              f"{saved_dist_opt} and Megatron cannot load it into the other "
-                              f"optimizer kind: resume with the same setting")
+        self.check_resumable(ckpt.read_manifest(path)["extra"], checkpoint=str(path))
         manifest = ckpt.load_checkpoint(path, self.chunks, optimizer=self.optimizer,
                                         model_config=self.model_cfg.to_dict())
         self.step = manifest["iteration"]
@@ -300,7 +321,12 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> dict:
     """Build the trainer of ``cfg`` and run it; returns its summary."""
-    return Trainer(cfg).train()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()
 
 
 def _data_fingerprint(batch: list[dict]) -> int:

@@ -74,7 +74,7 @@ def test_cache_is_reused_only_while_everything_matches(own_data, tmp_path, caplo
     changed["stages"][1]["weights"]["book"] = 0.3
     write_recipe(own_data / "r.yaml", changed)
     r3 = build_or_load_index(recipe, out)
-    assert r3.rebuilt and r3.reason == "stale cache, changed: recipe"
+    assert r3.rebuilt and r3.reason == "stale cache, changed: recipe stages[1].weights.book (0.2 -> 0.3)"
     assert not build_or_load_index(recipe, out).rebuilt
     assert build_or_load_index(recipe, out, force=True).rebuilt
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".index.")]

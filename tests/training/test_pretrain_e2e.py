@@ -22,52 +22,15 @@ import torch
 import yaml
 
 from tests.launch import REPO_ROOT
-from tests.training.pretrain_launch import launch, records
+from tests.training.pretrain_launch import G, SEQ, STAGE1_STEPS, STEPS, launch, make_run_files, records
 
-CORPUS = REPO_ROOT / "examples" / "tiny" / "data"
-SOURCES = ("en_drama", "en_verse", "zh_poetry")
-G, SEQ, STEPS, STAGE1_STEPS = 8, 32, 10, 6
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from megasyne.data.preprocess import PreprocessConfig, run_preprocess
-    from megasyne.data.tokenizers import train_byte_level_bpe
-
     root = tmp_path_factory.mktemp("e2e")
-    docs = {s: [json.loads(l) for l in (CORPUS / f"{s}.jsonl").open(encoding="utf-8")][:60]
-            for s in SOURCES}
-    train_byte_level_bpe((d["text"] for s in SOURCES for d in docs[s]), 512, root / "tokenizer.json")
-    for s in SOURCES:
-        raw = root / f"{s}.jsonl"
-        raw.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs[s]),
-                       encoding="utf-8")
-        run_preprocess(PreprocessConfig(inputs=[str(raw)], output_prefix=str(root / s),
-                                        tokenizer=str(root / "tokenizer.json"),
-                                        metadata_keys=["n_chars"], append_eod=True,
-                                        log_interval=0, progress=False))
-    recipe = dict(seq_length=SEQ, seed=7, on_exhaustion="new_epoch", sources={
-        "zh_poetry": str(root / "zh_poetry_text_document"),
-        "en_drama": {"prefix": str(root / "en_drama_text_document"), "order": "sequential"},
-        "en_verse": {"prefix": str(root / "en_verse_text_document"), "order": "ascending:n_chars"},
-    }, stages=[
-        dict(name="stage1", samples=STAGE1_STEPS * G,
-             weights={"zh": {"weight": 2, "children": {"zh_poetry": 1}},
-                      "en": {"weight": 8, "children": {"en_drama": 0.5, "en_verse": 0.5}}}),
-        dict(name="stage2", samples=(STEPS - STAGE1_STEPS) * G,
-             weights={"zh_poetry": 0.2, "en_drama": 0.6, "en_verse": 0.2}),
-    ])
-    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    base = dict(recipe="recipe.yaml", model="tiny_debug",
-                model_overrides=dict(vocab_size=512, max_position_embeddings=SEQ),
-                parallel=dict(tp=2), optim=dict(lr=2e-3, min_lr=2e-4),
-                schedule=dict(kind="wsd", warmup_steps=2, decay_steps=3, decay_shape="1-sqrt"),
-                stage_settings=dict(stage2=dict(lr=1e-3, min_lr=1e-4,
-                                                schedule=dict(kind="cosine", warmup_steps=1))),
-                micro_batch_size=2, global_batch_size=G, save_interval=2, keep_last=10,
-                tensorboard=False)
-    (root / "base.yaml").write_text(yaml.safe_dump(base))
+    make_run_files(root)
     ref = launch(root, "ref")
     assert ref.returncode == 0, ref.stderr[-6000:]
     return root

@@ -1,0 +1,201 @@
+"""Run integrity under faults: what a weeks-long run meets, injected on a small real run.
+
+One module fixture trains 4 steps at DP2 (2 ranks, TP1) and checkpoints at steps 2 and 4, like a
+preempted job. Each test copies that run directory, injects one fault, relaunches and checks
+the guard: nothing acknowledged is lost, nothing is read twice or skipped, and every refusal
+says what to do next.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zlib
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.training.pretrain_launch import G, STEPS, launch, make_run_files, records
+
+pytestmark = pytest.mark.slow
+DP2 = ("parallel.tp=1",)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    make_run_files(root)
+    proc = launch(root, "base", *DP2, "exit_at_step=4")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return root
+
+
+def _copy(root, name: str):
+    shutil.copytree(root / "base", root / name)
+    return root / name
+
+
+def _edited_recipe(root, name: str, edit) -> str:
+    recipe = yaml.safe_load((root / "recipe.yaml").read_text())
+    edit(recipe)
+    (root / name).write_text(yaml.safe_dump(recipe))
+    return f"recipe={root / name}"
+
+
+def test_a_torn_metrics_line_is_dropped_and_the_run_resumes(saved):
+    run = _copy(saved, "torn")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "stage": "stage1", "consumed_sam')  # killed mid-write
+    proc = launch(saved, "torn", *DP2, "exit_at_step=5")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "dropping a torn last line" in proc.stderr
+    recs = records(saved, "torn")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
+    assert recs[:4] == records(saved, "base")
+
+
+def test_a_recipe_edit_is_refused_then_rebased_without_repeating_or_skipping(saved):
+    run = _copy(saved, "edited")
+    before = (run / "metrics.jsonl").read_text()
+
+    def five_five(recipe):
+        recipe["stages"][0]["weights"]["zh"]["weight"] = 5
+        recipe["stages"][0]["weights"]["en"]["weight"] = 5
+
+    new_recipe = _edited_recipe(saved, "recipe_5_5.yaml", five_five)
+    refused = launch(saved, "edited", *DP2, new_recipe)
+    assert refused.returncode != 0
+    assert "the data changed since" in refused.stderr and "at consumed sample 32" in refused.stderr
+    assert "recipe stages[0].weights.zh.weight (2 -> 5)" in refused.stderr
+    assert "--set rebase_data=true" in refused.stderr
+    assert (run / "metrics.jsonl").read_text() == before  # nothing truncated or overwritten
+
+    rebased = launch(saved, "edited", *DP2, new_recipe, "rebase_data=true")
+    assert rebased.returncode == 0, rebased.stderr[-6000:]
+    assert "rebased at consumed sample 32" in rebased.stdout
+    recs = records(saved, "edited")
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+    assert recs[:4] == records(saved, "base")
+
+    from megasyne.checkpoint.dist import read_manifest
+    from megasyne.data.dataset import MixtureDataset
+    from megasyne.training.data_state import RunData
+
+    old_fp = read_manifest(saved / "base" / "checkpoints")["extra"]["data"]["fingerprint"]
+    old = MixtureDataset(run / f"index.{old_fp[:12]}")  # kept: the record of what was read
+    new = MixtureDataset(run / "index")
+    assert new.fingerprint != old_fp
+    state = read_manifest(run / "checkpoints")["extra"]["data"]
+    assert state["rebase"]["at"] == 4 * G and state["fingerprint"] == new.fingerprint
+    RunData(new, rebase_allowed=True, adaptive=False).apply_rebase(state["rebase"])
+    # Every source's stream positions over the whole run: 0, 1, 2, ... with no gap or repeat.
+    read = {name: [] for name in new.source_names}
+    for ds, samples in ((old, range(0, 4 * G)), (new, range(4 * G, STEPS * G))):
+        for i in samples:
+            read[ds.source_names[int(ds.source_id[i])]].append(int(ds.source_sample[i]))
+    for name, positions in read.items():
+        assert positions == list(range(len(positions))), name
+    assert state["cursors"] == {n: len(p) for n, p in read.items()}
+    # The rebased steps follow the new weights (zh:en 5:5 in stage1, steps 5-6) ...
+    zh = sum(new.source_names[int(new.source_id[i])] == "zh_poetry" for i in range(32, 48))
+    assert zh == 8
+    # ... and the trainer read exactly those samples (its per-step data fingerprint, DP2).
+    for rec in recs[4:]:
+        assert rec["data_crc"] == _step_crc(new, rec["step"] - 1, dp=2, mbs=2), rec["step"]
+
+
+def _step_crc(ds, step: int, *, dp: int, mbs: int) -> int:
+    """The trainer's data fingerprint of a step: per DP rank a CRC over its micro-batches'
+    tokens and last labels, summed over the ranks."""
+    total = 0
+    per_rank = G // dp
+    for r in range(dp):
+        crc, first = 0, step * G + r * per_rank
+        for k in range(first, first + per_rank, mbs):
+            tokens = np.stack([ds[i]["tokens"] for i in range(k, k + mbs)]).astype(np.int64)
+            crc = zlib.crc32(np.ascontiguousarray(tokens[:, :-1]).tobytes(), crc)
+            crc = zlib.crc32(np.ascontiguousarray(tokens[:, -1:]).tobytes(), crc)
+        total += crc
+    return total
+
+
+def test_a_second_launcher_on_a_run_dir_is_refused_at_once(saved):
+    from megasyne.training.run_lock import RunDirLock
+
+    run = _copy(saved, "locked")
+    before = (run / "metrics.jsonl").read_text()
+    lock = RunDirLock(run).acquire()  # this process plays the first run
+    try:
+        proc = launch(saved, "locked", *DP2, "exit_at_step=6")
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    assert "is in use by another run" in proc.stderr and '"pid"' in proc.stderr
+    assert (run / "metrics.jsonl").read_text() == before
+    assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+def test_a_re_preprocessed_source_is_refused(saved):
+    """Last in the module: it rewrites a source of the shared data (and restores it)."""
+    from megasyne.data.preprocess import PreprocessConfig, run_preprocess
+
+    _copy(saved, "reprocessed")
+    prefix = saved / "en_verse_text_document"
+    keep = {ext: (saved / f"en_verse_text_document{ext}").read_bytes() for ext in (".bin", ".idx")}
+    raw = saved / "en_verse.jsonl"
+    lines = raw.read_text(encoding="utf-8").splitlines(keepends=True)
+    (saved / "en_verse_fewer.jsonl").write_text("".join(lines[:50]), encoding="utf-8")
+    try:
+        run_preprocess(PreprocessConfig(inputs=[str(saved / "en_verse_fewer.jsonl")],
+                                        output_prefix=str(saved / "en_verse"),
+                                        tokenizer=str(saved / "tokenizer.json"),
+                                        metadata_keys=["n_chars"], append_eod=True,
+                                        log_interval=0, progress=False))
+        proc = launch(saved, "reprocessed", *DP2)
+    finally:
+        for ext, data in keep.items():
+            (saved / f"en_verse_text_document{ext}").write_bytes(data)
+    assert proc.returncode != 0
+    assert "source en_verse data (.idx/.bin)" in proc.stderr and "rebase_data" in proc.stderr
+    assert prefix.with_suffix(".idx").exists()
+
+
+def test_metrics_log_keeps_every_good_line(tmp_path):
+    from megasyne.training.metrics import MetricsError, MetricsLog
+
+    log = MetricsLog(tmp_path, is_writer=True, tensorboard=False)
+    lines = [json.dumps({"step": s}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"step": 4, "lo')
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:4: dropping a torn last line"):
+        log.truncate_after(2)
+    assert (tmp_path / "metrics.jsonl").read_text() == "\n".join(lines[:2]) + "\n"
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n{oops\n" + lines[2] + "\n")
+    with pytest.raises(MetricsError, match=r"metrics.jsonl:2: not a JSON record"):
+        log.truncate_after(5)
+
+
+def test_the_kernel_releases_a_dead_holders_lock(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from megasyne.training.run_lock import RunDirBusy, RunDirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from megasyne.training.run_lock import RunDirLock; "
+        f"lock = RunDirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirBusy, match=f'"pid": {holder.pid}'):
+        RunDirLock(tmp_path).acquire()
+    holder.kill()  # SIGKILL: no clean-up code runs
+    holder.wait()
+    deadline = time.time() + 5
+    while True:
+        try:
+            RunDirLock(tmp_path).acquire().release()
+            break
+        except RunDirBusy:
+            assert time.time() < deadline
+            time.sleep(0.05)
