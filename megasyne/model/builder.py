@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megasyne.errors import ConfigError
 from megasyne.model import accel, fusions
 from megasyne.model.config import LlamaConfig
 from megasyne.model.norm import RMSNorm
@@ -43,13 +44,17 @@ class ModelRuntime:
 
     def __post_init__(self):
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"runtime.dtype must be float32, bfloat16 or float16, got {self.dtype}")
+            raise ConfigError(f"runtime.dtype must be float32, bfloat16 or float16, "
+                              f"got {self.dtype}")
         if self.recompute not in (None, "selective", "full"):
-            raise ValueError(f"runtime.recompute must be None, 'selective' or 'full', got {self.recompute!r}")
+            raise ConfigError(f"runtime.recompute must be None, 'selective' or 'full', "
+                              f"got {self.recompute!r}")
         if self.attention not in (None, "sdpa", "megatron"):
-            raise ValueError(f"runtime.attention must be None, 'sdpa' or 'megatron', got {self.attention!r}")
+            raise ConfigError(f"runtime.attention must be None, 'sdpa' or 'megatron', "
+                              f"got {self.attention!r}")
         if self.use_te and not accel.transformer_engine_available():
-            raise ValueError("runtime.use_te=True but transformer_engine does not import cleanly here")
+            raise ConfigError("runtime.use_te=True but transformer_engine does not import "
+                              "cleanly here: install it (pip install .[gpu]) or leave use_te unset")
 
     @property
     def kernels_on(self) -> bool:
