@@ -27,15 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megasyne  # noqa: E402,F401  (sets TRITON_INTERPRET before megatron imports triton)
 
-from megasyne.checkpoint.dist import CheckpointError  # noqa: E402
-from megasyne.checkpoint.hf import DTYPES, HFConversionError  # noqa: E402
+from megasyne.checkpoint.hf import DTYPES  # noqa: E402
 from megasyne.checkpoint.hf_convert import (  # noqa: E402
     check_output, hf_to_megasyne, inspect_hf, megasyne_to_hf,
 )
-from megasyne.model.config import ModelConfigError  # noqa: E402
-from megasyne.parallel.dims import ParallelConfigError  # noqa: E402
-
-ERRORS = (HFConversionError, CheckpointError, ModelConfigError, ParallelConfigError)
+from megasyne.errors import MegasyneError, report  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,10 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"wrote megasyne checkpoint {out} (iteration 0, tp={args.tp}, pp={args.pp})")
         return 0
-    except ERRORS as exc:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"convert_hf: error: {exc}", file=sys.stderr)
-        return 2
+    except MegasyneError as exc:  # every rank checks the same inputs: rank 0 says it once
+        return report(exc, show=int(os.environ.get("RANK", 0)) == 0)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import megasyne  # noqa: E402,F401  (sets TRITON_INTERPRET before megatron imports triton)
 
-from megasyne.checkpoint.dist import CheckpointError  # noqa: E402
-from megasyne.checkpoint.hf import HFConversionError  # noqa: E402
-from megasyne.eval.benchmark_files import EvalDataError  # noqa: E402
+from megasyne.errors import MegasyneError, report  # noqa: E402
 from megasyne.eval.tasks import EvalConfigError, load_task_file, preset_tasks  # noqa: E402
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -164,8 +162,6 @@ def run(args) -> int:
     return 0
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megasyne.eval.runner import compare, format_table, read_results
@@ -179,9 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         table, _ = compare(read_results(args.before), read_results(args.after))
         print(table)
         return 0
-    except (EvalConfigError, EvalDataError, CheckpointError, HFConversionError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    except MegasyneError as exc:
+        return report(exc)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Every error class of the package is a MegasyneError of the right kind."""
+"""Every error class of the package is a MegasyneError of the right kind, and every command-line
+face reports a MegasyneError the same way (one line ``error: ...``, exit status 2)."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
@@ -13,6 +15,7 @@ from megasyne.errors import (
     EXIT_ERROR, CheckpointError, ConfigError, ConversionError, DataError, EvalError,
     MegasyneError, RecipeToolError, one_line, report,
 )
+from tests.launch import REPO_ROOT
 
 # The trainer is rewritten elsewhere; its TrainingAborted moves onto errors.TrainingError there.
 # The test below fails as soon as that is done, so this entry cannot outlive its reason.
@@ -80,3 +83,21 @@ def test_report_prints_one_line_and_returns_2(capsys):
     assert report(exc) == EXIT_ERROR == 2
     assert capsys.readouterr().err == "error: x.yaml: invalid YAML: while parsing in line 2 ^\n"
     assert report(exc, show=False) == 2 and capsys.readouterr().err == ""
+
+
+def _faces():
+    return [REPO_ROOT / "pretrain_syne.py", *sorted((REPO_ROOT / "tools").glob("*.py"))]
+
+
+@pytest.mark.parametrize("path", _faces(), ids=lambda p: p.name)
+def test_every_face_reports_megasyne_errors_through_errors_report(path):
+    """A new tool that forgets the convention fails here; the behaviour of each face on bad
+    input is tested beside its other tests (tests/*/test_*: "error: " and exit status 2)."""
+    tree = ast.parse(path.read_text())
+    handlers = [h for h in ast.walk(tree) if isinstance(h, ast.ExceptHandler)
+                and isinstance(h.type, ast.Name) and h.type.id == "MegasyneError"]
+    assert len(handlers) == 1, f"{path.name}: catch MegasyneError exactly once"
+    calls = [c for c in ast.walk(handlers[0]) if isinstance(c, ast.Call)
+             and isinstance(c.func, ast.Name) and c.func.id == "report"]
+    assert calls, f"{path.name}: report the error with megasyne.errors.report"
+    assert "SystemExit(" not in path.read_text(), f"{path.name}: raise a MegasyneError instead"
