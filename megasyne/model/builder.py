@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from megasyne.errors import ConfigError
+from megasyne import megatron_patches
 from megasyne.model import accel, fusions
 from megasyne.model.config import LlamaConfig
 from megasyne.model.norm import RMSNorm
@@ -75,10 +76,10 @@ def transformer_config(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRunti
     dims.validate_for_model(num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
                             num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size)
     cuda = torch.cuda.is_available()
-    # Our fused RoPE / SwiGLU ride on Megatron-Core's own hooks (megasyne/model/fusions.py);
-    # TE's spec brings its own fusions instead.
+    # Our fused RoPE / SwiGLU ride on Megatron-Core's own hooks (megasyne/model/fusions.py;
+    # the RoPE slot is filled by megasyne.megatron_patches); TE's spec brings its own fusions.
     ours = runtime.kernels_on and not runtime.te_on
-    rope_fusion = runtime.te_on or (ours and fusions.install_rope_kernel())
+    rope_fusion = runtime.te_on or (ours and megatron_patches.apply_rope_slot())
     recompute = {}
     if runtime.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
@@ -137,9 +138,9 @@ def _wgrad_fusion(runtime: ModelRuntime, cuda: bool) -> bool:
     if runtime.wgrad_fusion is False:
         return False
     if runtime.wgrad_fusion:
-        return fusions.install_wgrad_accumulation(force=True)
-    # install_wgrad_accumulation() keeps apex's extension when Megatron-Core imported it.
-    return cuda and (runtime.te_on or fusions.install_wgrad_accumulation())
+        return megatron_patches.apply_wgrad_accumulation(force=True)
+    # apply_wgrad_accumulation() keeps apex's extension when Megatron-Core imported it.
+    return cuda and (runtime.te_on or megatron_patches.apply_wgrad_accumulation())
 
 
 def layer_spec(cfg: LlamaConfig, config, runtime: ModelRuntime, vp_stage: int | None = None):
