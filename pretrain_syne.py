@@ -7,12 +7,19 @@ A run is a YAML config (a model preset, a mixture/curriculum recipe, parallel la
 optimizer and schedule) plus a few ``key=value`` overrides. Everything is validated
 before any process group starts. Re-running the same command resumes from the newest
 complete checkpoint in ``<run_dir>/checkpoints``.
+
+Exit status: 0 when done; 2 on a configuration, data or checkpoint error (one line
+``error: <message>`` on stderr, from rank 0); 3 when training aborts (too many non-finite
+steps in a row).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+EXIT_ABORTED = 3  # training started and diverged; a config, data or checkpoint error exits 2
 
 
 def parse_args(argv=None):
@@ -40,33 +47,38 @@ def main(argv=None) -> int:
     for text in _QUIET:
         warnings.filterwarnings("ignore", message=f".*{re.escape(text)}")
     import megasyne  # noqa: F401  (sets TRITON_INTERPRET on CPU before megatron imports)
-    from megasyne.training.config import ConfigError, load_config
+    from megasyne.errors import MegasyneError, TrainingError, one_line, report
+
+    # Every check that can fail runs on every rank (the config and layout before any process
+    # group exists, the mixture index's status broadcast from rank 0, checkpoint manifests),
+    # so all ranks fail alike and rank 0 alone says why: one line for the job.
+    reporting = os.environ.get("RANK", "0") == "0"
+    try:
+        summary = _train(args)
+    except MegasyneError as exc:
+        if not isinstance(exc, TrainingError):
+            return report(exc, show=reporting)
+        aborted = exc
+    else:
+        if reporting:
+            print(f"done: {summary}")
+        return 0
+    if reporting:
+        print(f"error: training aborted: {one_line(aborted)}", file=sys.stderr, flush=True)
+    return EXIT_ABORTED
+
+
+def _train(args) -> dict:
+    from megasyne.training.config import load_config
+
+    cfg = load_config(args.config, args.set)  # fails fast, before megatron is imported
+    from megasyne.parallel.init import destroy_parallel
+    from megasyne.training.trainer import train
 
     try:
-        cfg = load_config(args.config, args.set)
-    except ConfigError as exc:
-        print(f"pretrain_syne.py: config error: {exc}", file=sys.stderr)
-        return 2
-    from megasyne.parallel.dims import ParallelConfigError
-    from megasyne.training.trainer import TrainingAborted, train
-
-    try:
-        summary = train(cfg)
-    except (ParallelConfigError, ConfigError) as exc:
-        print(f"pretrain_syne.py: {exc}", file=sys.stderr)
-        return 2
-    except TrainingAborted as exc:
-        print(f"pretrain_syne.py: training aborted: {exc}", file=sys.stderr)
-        return 3
+        return train(cfg)
     finally:
-        from megasyne.parallel.init import destroy_parallel
-
         destroy_parallel()
-    import os
-
-    if os.environ.get("RANK", "0") == "0":
-        print(f"done: {summary}")
-    return 0
 
 
 if __name__ == "__main__":  # guard required: the checkpoint writer re-imports __main__

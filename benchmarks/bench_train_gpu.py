@@ -13,7 +13,7 @@ Variants:
 - megasyne/triton: Megatron-Core GPTModel (local spec, SDPA attention), our Triton RMSNorm,
   vocab-parallel cross-entropy, RoPE and SwiGLU, Megatron DDP + optimizer (bf16 params, fp32
   master, torch's fused AdamW, weight gradients accumulated in fp32 inside the GEMM when the
-  probe of megasyne/model/fusions.py passes; the JSON says whether it did).
+  probe of megasyne/megatron_patches/wgrad_slot.py passes; the JSON says whether it did).
 - megasyne/torch: the same with megasyne's kernels off (torch RMSNorm, Megatron's CE,
   Megatron's unfused RoPE and gated activation).
 --grad-accum N runs N micro-batches per optimizer step (the HF baseline too), as a CPT run
@@ -118,7 +118,7 @@ def bench_megasyne(cfg, args, kernels: bool) -> dict:
 
     reset_peak()
     times, losses = timed_steps(step, args.warmup, args.steps)
-    from megasyne.model.fusions import wgrad_accumulation_status
+    from megasyne.megatron_patches import wgrad_accumulation_status
 
     out = dict(step_times_s=times, losses=losses, skipped_steps=sum(skipped),
                peak_mem_gib=peak_mem(), build_s=build_s,

@@ -17,17 +17,31 @@ from typing import Iterator
 def read_jsonl(path: str | os.PathLike, error: type[Exception]) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, record)`` for every non-blank line of ``path`` (1-based numbers).
 
-    Raises ``error("path:line: ...")`` for a line that is not valid JSON or not an object."""
+    Raises ``error("path:line: ...")`` for a line that is not valid JSON or not an object, and
+    ``error("path: ...")`` for a file that cannot be opened or is not UTF-8 text."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise error(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") \
-                    from None
-            if not isinstance(rec, dict):
-                raise error(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            yield n, rec
+    try:
+        f = opener(path, "rb")  # bytes, decoded line by line: a bad byte names its line
+    except OSError as exc:
+        raise error(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    n = 0
+    with f:
+        try:
+            for n, raw in enumerate(f, 1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise error(f"{path}:{n}: not UTF-8 ({exc.reason} at byte {exc.start})") \
+                        from None
+                if not text.strip():
+                    continue
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise error(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") \
+                        from None
+                if not isinstance(rec, dict):
+                    raise error(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
+                yield n, rec
+        except (OSError, EOFError) as exc:  # a damaged .gz, a read error
+            raise error(f"{path}: cannot read it after line {n} ({exc})") from None

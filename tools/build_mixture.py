@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from megasyne.data.mixture import build_or_load_index, read_index_json
+from megasyne.errors import DataError, MegasyneError, report
 
 log = logging.getLogger("build_mixture")
 _CHUNK = 1 << 22
@@ -51,7 +52,7 @@ def prefix_deviation(source_id: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def summarise(index_dir: Path) -> dict:
     meta = read_index_json(index_dir)
     if meta is None:
-        raise SystemExit(f"{index_dir}: no index.json")
+        raise DataError(f"{index_dir}: no readable index.json; rebuild it with --force")
     seq = meta["seq_length"]
     names = meta["source_names"]
     source_id = np.load(index_dir / "source_id.npy", mmap_mode="r")
@@ -162,23 +163,26 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    t0 = time.perf_counter()
     try:
-        built = build_or_load_index(args.recipe, args.output, force=args.force)
-    except (ValueError, RuntimeError, OSError) as exc:  # RecipeError, IndexBuildError, data errors
-        log.error("%s: %s", type(exc).__name__, exc)
-        return 2
+        return _build_and_report(args)
+    except MegasyneError as exc:
+        return report(exc)
+
+
+def _build_and_report(args) -> int:
+    t0 = time.perf_counter()
+    built = build_or_load_index(args.recipe, args.output, force=args.force)
     log.info("index %s in %.1f s (%s)", "built" if built.rebuilt else "validated",
              time.perf_counter() - t0, built.reason)
-    report = summarise(built.path) | {"rebuilt": built.rebuilt, "reason": built.reason}
-    (built.path / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (built.path / "report.md").write_text(markdown(report))
+    summary = summarise(built.path) | {"rebuilt": built.rebuilt, "reason": built.reason}
+    (built.path / "report.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (built.path / "report.md").write_text(markdown(summary))
     if not args.no_plot:
         plot_index_shares(built.path, built.path / "mixture.png", windows=args.windows)
-    worst = max((r["max_prefix_deviation"] for st in report["stages"]
+    worst = max((r["max_prefix_deviation"] for st in summary["stages"]
                  for r in st["sources"].values()), default=0.0)
     log.info("report: %s (worst prefix deviation %.3f samples)", built.path / "report.md", worst)
-    for s in report["sources"]:
+    for s in summary["sources"]:
         log.info("  %-20s %8.3f epochs (%s)", s["name"], s["epochs_fraction"], s["order"])
     return 0 if math.isfinite(worst) else 1
 

@@ -25,15 +25,11 @@ from pathlib import Path
 
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 
-from megasyne.checkpoint.dist import CheckpointError
-from megasyne.checkpoint.hf import DTYPES, HFConversionError
+from megasyne.checkpoint.hf import DTYPES
 from megasyne.checkpoint.hf_convert import (
     check_output, hf_to_megasyne, inspect_hf, megasyne_to_hf,
 )
-from megasyne.model.config import ModelConfigError
-from megasyne.parallel.dims import ParallelConfigError
-
-ERRORS = (HFConversionError, CheckpointError, ModelConfigError, ParallelConfigError)
+from megasyne.errors import MegasyneError, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,10 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"wrote megasyne checkpoint {out} (iteration 0, tp={args.tp}, pp={args.pp})")
         return 0
-    except ERRORS as exc:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"convert_hf: error: {exc}", file=sys.stderr)
-        return 2
+    except MegasyneError as exc:  # every rank checks the same inputs: rank 0 says it once
+        return report(exc, show=int(os.environ.get("RANK", 0)) == 0)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,7 @@ from pathlib import Path
 
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 
-from megasyne.checkpoint.dist import CheckpointError
-from megasyne.checkpoint.hf import HFConversionError
-from megasyne.eval.benchmark_files import EvalDataError
+from megasyne.errors import MegasyneError, report
 from megasyne.eval.tasks import EvalConfigError, load_task_file, preset_tasks
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -157,8 +155,6 @@ def run(args) -> int:
     return 0
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megasyne.eval.runner import compare, format_table, read_results
@@ -172,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         table, _ = compare(read_results(args.before), read_results(args.after))
         print(table)
         return 0
-    except (EvalConfigError, EvalDataError, CheckpointError, HFConversionError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    except MegasyneError as exc:
+        return report(exc)
 
 
 if __name__ == "__main__":

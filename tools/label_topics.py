@@ -145,18 +145,12 @@ def _label(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megasyne.data.indexed_dataset import IndexedDatasetError
-    from megasyne.data.metadata import MetadataError
-    from megasyne.data.tokenizers import TokenizerError
-    from megasyne.syne.blocks import BlockStateError
-    from megasyne.syne.topics import TopicError
+    from megasyne.errors import MegasyneError, report
 
     try:
         out = {"train": _train, "eval": _eval, "label": _label}[args.cmd](args)
-    except (TopicError, BlockStateError, IndexedDatasetError, MetadataError, TokenizerError,
-            OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except MegasyneError as exc:
+        return report(exc)
     print(json.dumps(out, ensure_ascii=False))
     return 0
 

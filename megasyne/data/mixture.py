@@ -61,6 +61,7 @@ from megasyne.data.index_builders import (
     INDEX_ALGO_VERSION, BlendResult, build_blend, build_sample_index, num_samples_per_epoch,
     sample_index_dtype)
 from megasyne.data.recipe import Recipe, SourceConfig, load_recipe
+from megasyne.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ INDEX_JSON = "index.json"
 _RNG_PURPOSE = {"doc_order": 1, "sample_shuffle": 2}
 
 
-class IndexBuildError(RuntimeError):
+class IndexBuildError(DataError, RuntimeError):
     """The recipe cannot be realised on this data (a source too small, exhausted, ...)."""
 
 

@@ -25,9 +25,10 @@ import numpy as np
 from megasyne.atomic import atomic_write
 from megasyne.data.dataset import MixtureDataset
 from megasyne.data.mixture import blend_interval
+from megasyne.errors import DataError
 
 
-class OverlayError(RuntimeError):
+class OverlayError(DataError, RuntimeError):
     """An interval cannot be re-blended on this index (e.g. a source would run out)."""
 
 

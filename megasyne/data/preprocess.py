@@ -45,13 +45,14 @@ from megasyne.data.indexed_dataset import IndexedDatasetWriter, best_token_dtype
 from megasyne.data.metadata import FIELD_NAME_RE as _FIELD_NAME
 from megasyne.data.metadata import write_metadata_field
 from megasyne.data.tokenizers import load_tokenizer
+from megasyne.errors import DataError
 
 _MAX_BAD_EXAMPLES = 20
 _META_CHUNK = 1 << 16
 _BATCH_BYTES = 4 << 20
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(DataError, RuntimeError):
     """The run cannot proceed (bad input line, missing file, ...); the message names file and line."""
 
 
@@ -180,8 +181,9 @@ def _batches(files: list[str], columns: list[str], batch_size: int, counts: dict
 _W: dict = {}
 
 
-class _Bad(Exception):
-    pass
+class _Bad(DataError):
+    """One bad input record; caught per record, then skipped or raised as a PreprocessError
+    naming the file and line."""
 
 
 def _init_worker(spec: dict) -> None:

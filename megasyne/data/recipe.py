@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from megasyne.errors import DataError
+
 ORDER_KINDS = ("shuffle", "sequential", "ascending", "descending")
 EXHAUSTION_POLICIES = ("fail", "new_epoch")
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")  # names become file names
@@ -43,7 +45,7 @@ _SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 _TOP_KEYS = ("seq_length", "seed", "on_exhaustion", "sources", "stages")
 
 
-class RecipeError(ValueError):
+class RecipeError(DataError, ValueError):
     """A recipe value is invalid; ``path`` is the field path (``stages[1].weights.zh``)."""
 
     def __init__(self, path: str, reason: str) -> None:

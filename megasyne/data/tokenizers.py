@@ -27,6 +27,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from megasyne.errors import DataError
+
 KINDS = ("hf", "sentencepiece", "tiktoken")
 _SPEC_PREFIXES = {"hf": "hf", "huggingface": "hf", "sentencepiece": "sentencepiece",
                   "sp": "sentencepiece", "tiktoken": "tiktoken"}
@@ -53,7 +55,7 @@ _BOS_CANDIDATES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2}[ \t]+\d+$")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(DataError, ValueError):
     """The tokenizer file is missing, of an unknown kind, or lacks what was asked (names the file)."""
 
 

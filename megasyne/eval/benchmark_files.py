@@ -33,12 +33,13 @@ import json
 import re
 from pathlib import Path
 
+from megasyne.errors import EvalError
 from megasyne.jsonl import read_jsonl
 
 LETTERS = ("A", "B", "C", "D")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(EvalError, ValueError):
     """A benchmark file is missing or malformed (the message names file, line and field)."""
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from megasyne.errors import EvalError
 from megasyne.eval import benchmark_files as D
 from megasyne.eval import scoring
 
@@ -67,7 +68,7 @@ FORMATS: dict[str, Format] = {
 }
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(EvalError, ValueError):
     """A task specification is invalid (the message names the file / task / field)."""
 
 

@@ -17,6 +17,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
+from megasyne.errors import ConfigError
+
 
 class SDPAttention(MegatronModule):
     """softmax(q k^T / sqrt(d)) v with a causal mask; q: [sq, b, np, hn], k/v: [sk, b, ng, hn]."""
@@ -27,7 +29,8 @@ class SDPAttention(MegatronModule):
                  pg_collection=None):
         super().__init__(config=config)
         if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not support context parallelism; use TE")
+            raise ConfigError("SDPAttention does not support context parallelism (cp > 1): "
+                              "use the Transformer-Engine spec or cp=1")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.no_mask):
             raise ValueError(f"SDPAttention supports causal/no_mask, not {attn_mask_type}")
         self.attn_mask_type = attn_mask_type

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megasyne.errors import ConfigError
+from megasyne import megatron_patches
 from megasyne.model import accel, fusions
 from megasyne.model.config import LlamaConfig
 from megasyne.model.norm import RMSNorm
@@ -43,13 +45,17 @@ class ModelRuntime:
 
     def __post_init__(self):
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"runtime.dtype must be float32, bfloat16 or float16, got {self.dtype}")
+            raise ConfigError(f"runtime.dtype must be float32, bfloat16 or float16, "
+                              f"got {self.dtype}")
         if self.recompute not in (None, "selective", "full"):
-            raise ValueError(f"runtime.recompute must be None, 'selective' or 'full', got {self.recompute!r}")
+            raise ConfigError(f"runtime.recompute must be None, 'selective' or 'full', "
+                              f"got {self.recompute!r}")
         if self.attention not in (None, "sdpa", "megatron"):
-            raise ValueError(f"runtime.attention must be None, 'sdpa' or 'megatron', got {self.attention!r}")
+            raise ConfigError(f"runtime.attention must be None, 'sdpa' or 'megatron', "
+                              f"got {self.attention!r}")
         if self.use_te and not accel.transformer_engine_available():
-            raise ValueError("runtime.use_te=True but transformer_engine does not import cleanly here")
+            raise ConfigError("runtime.use_te=True but transformer_engine does not import "
+                              "cleanly here: install it (pip install .[gpu]) or leave use_te unset")
 
     @property
     def kernels_on(self) -> bool:
@@ -70,10 +76,10 @@ def transformer_config(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRunti
     dims.validate_for_model(num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
                             num_query_groups=cfg.num_query_groups, ffn_hidden_size=cfg.ffn_hidden_size)
     cuda = torch.cuda.is_available()
-    # Our fused RoPE / SwiGLU ride on Megatron-Core's own hooks (megasyne/model/fusions.py);
-    # TE's spec brings its own fusions instead.
+    # Our fused RoPE / SwiGLU ride on Megatron-Core's own hooks (megasyne/model/fusions.py;
+    # the RoPE slot is filled by megasyne.megatron_patches); TE's spec brings its own fusions.
     ours = runtime.kernels_on and not runtime.te_on
-    rope_fusion = runtime.te_on or (ours and fusions.install_rope_kernel())
+    rope_fusion = runtime.te_on or (ours and megatron_patches.apply_rope_slot())
     recompute = {}
     if runtime.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
@@ -132,9 +138,9 @@ def _wgrad_fusion(runtime: ModelRuntime, cuda: bool) -> bool:
     if runtime.wgrad_fusion is False:
         return False
     if runtime.wgrad_fusion:
-        return fusions.install_wgrad_accumulation(force=True)
-    # install_wgrad_accumulation() keeps apex's extension when Megatron-Core imported it.
-    return cuda and (runtime.te_on or fusions.install_wgrad_accumulation())
+        return megatron_patches.apply_wgrad_accumulation(force=True)
+    # apply_wgrad_accumulation() keeps apex's extension when Megatron-Core imported it.
+    return cuda and (runtime.te_on or megatron_patches.apply_wgrad_accumulation())
 
 
 def layer_spec(cfg: LlamaConfig, config, runtime: ModelRuntime, vp_stage: int | None = None):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from megasyne.errors import ConfigError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(ConfigError):
     """An architecture that cannot be built; the message names the field."""
 
 

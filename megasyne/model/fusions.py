@@ -2,20 +2,21 @@
 and fp32 weight-gradient accumulation in the GEMM.
 
 Both are switched with the other kernels (``ModelRuntime.triton_kernels``: on with CUDA by
-default, off with MEGASYNE_KERNELS=0) and never replace Transformer-Engine's versions.
+default, off with MEGASYNE_KERNELS=0) and never replace Transformer-Engine's versions. This
+module holds the code; the two module globals of Megatron-Core that receive it are filled by
+``megasyne.megatron_patches`` (``apply_rope_slot``, ``apply_wgrad_accumulation``), where every
+runtime change to Megatron-Core is listed.
 
-- RoPE: Megatron-Core routes ``apply_rotary_pos_emb`` to the module global
-  ``rope_utils.fused_apply_rotary_pos_emb`` when ``config.apply_rope_fusion`` is set; that
-  global is Transformer-Engine's function when TE imports, else None (and the config then
-  refuses the fusion). ``install_rope_kernel()`` fills the empty slot with our Triton kernel
-  (TE's, when present, is left alone). It changes nothing for models built with
-  ``apply_rope_fusion=False`` (kernels off). Cases our kernel does not cover (interleaved
-  rotary, per-batch angles) go to Megatron-Core's unfused function.
+- RoPE: ``fused_rope`` has the signature of Megatron-Core's fused-RoPE slot
+  (``rope_utils.fused_apply_rotary_pos_emb``, used when ``config.apply_rope_fusion`` is set).
+  Cases our kernel does not cover (interleaved rotary, per-batch angles) go to Megatron-Core's
+  unfused function.
 - SwiGLU: Megatron-Core's ``MLP`` calls ``submodules.activation_func`` (a module built with
   the config) on the whole fc1 output when ``config.use_te_activation_func`` is set. Despite
   the name, that branch of ``MLP.forward`` only calls the module (TE is needed only by
   TE's own activation modules), so ``SwiGLU`` below receives cat(gate, up) and returns
-  silu(gate) * up, exactly what the unfused ``glu`` of the MLP computes.
+  silu(gate) * up, exactly what the unfused ``glu`` of the MLP computes. It is passed through
+  the layer spec (megasyne.model.builder.layer_spec): configuration, not a patch.
 - Weight-gradient accumulation fusion: with ``config.gradient_accumulation_fusion`` Megatron-
   Core's linear layers call ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32`` (an apex
   extension, imported into ``tensor_parallel.layers`` when apex is there) to add
@@ -24,7 +25,7 @@ default, off with MEGASYNE_KERNELS=0) and never replace Transformer-Engine's ver
   parameter per micro-batch: ~12 GB, ~4 ms on an H100 for TinyLlama). ``WgradAccumulation``
   is that interface on torch's cuBLAS GEMM with an fp32 output (``torch.addmm(...,
   out_dtype=torch.float32)``), installed only when apex is absent and a probe on this GPU
-  gives the right numbers (``install_wgrad_accumulation``).
+  gives the right numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 
-def _fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **_unused):
+def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **_unused):
     """Megatron-Core's ``fused_apply_rotary_pos_emb(t, freqs, interleaved=...)`` signature."""
     from megatron.core.models.common.embeddings import rope_utils
 
@@ -41,16 +42,6 @@ def _fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False,
     if interleaved or supported(t, freqs) is not None:
         return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
     return RoPEFunction.apply(t, freqs)  # already checked: not again on every call
-
-
-def install_rope_kernel() -> bool:
-    """Make our Triton RoPE Megatron-Core's fused RoPE unless one (TE's) is already there.
-    Idempotent; True if ours is the one in place."""
-    from megatron.core.models.common.embeddings import rope_utils
-
-    if rope_utils.fused_apply_rotary_pos_emb is None:
-        rope_utils.fused_apply_rotary_pos_emb = _fused_rope
-    return rope_utils.fused_apply_rotary_pos_emb is _fused_rope
 
 
 class SwiGLU(torch.nn.Module):
@@ -89,48 +80,3 @@ class WgradAccumulation:
     @staticmethod
     def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):
         main_grad.addmm_(grad_output.t(), total_input)
-
-
-def _probe_wgrad_accumulation() -> str | None:
-    """None if torch's fp32-output GEMM works and is right on this GPU, else why not."""
-    try:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(96, 40, device="cuda", generator=g).to(torch.bfloat16)
-        dy = torch.randn(96, 24, device="cuda", generator=g).to(torch.bfloat16)
-        acc = torch.randn(24, 40, device="cuda", generator=g)
-        want = acc.double() + dy.double().t() @ x.double()
-        WgradAccumulation.wgrad_gemm_accum_fp32(x, dy, acc)
-        err = (acc.double() - want).abs().max().item()
-        return None if err < 1e-3 else f"probe error {err:.3g}"
-    except Exception as exc:  # e.g. a torch without addmm(out_dtype=) for this GPU
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-_wgrad_status: dict = {}
-
-
-def install_wgrad_accumulation(force: bool = False) -> bool:
-    """Give Megatron-Core's linear layers our fp32 weight-gradient accumulation, unless
-    apex's is already there. On CUDA only after the probe passes (the result is cached and
-    the reason kept in ``wgrad_accumulation_status()``); ``force`` skips the probe (tests
-    use it on CPU). True if gradient_accumulation_fusion may be turned on."""
-    from megatron.core.tensor_parallel import layers
-
-    if getattr(layers, "_grad_accum_fusion_available", False) and \
-            getattr(layers, "fused_weight_gradient_mlp_cuda", None) is not None:
-        return True  # apex's, or ours installed before
-    if not force:
-        if not torch.cuda.is_available():
-            return False
-        if "reason" not in _wgrad_status:
-            _wgrad_status["reason"] = _probe_wgrad_accumulation()
-        if _wgrad_status["reason"] is not None:
-            return False
-    layers.fused_weight_gradient_mlp_cuda = WgradAccumulation
-    layers._grad_accum_fusion_available = True
-    return True
-
-
-def wgrad_accumulation_status() -> str | None:
-    """Why our weight-gradient accumulation is off on this GPU (None: not probed, or fine)."""
-    return _wgrad_status.get("reason")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megasyne.errors import ConfigError
 
-class ParallelConfigError(ValueError):
+
+class ParallelConfigError(ConfigError):
     """A parallel layout that cannot work; the message says what to change."""
 
 

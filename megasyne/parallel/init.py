@@ -2,8 +2,8 @@
 
 ``init_parallel(dims)`` validates the layout against the launcher's world size,
 creates the default process group (NCCL on GPUs, gloo on CPU), the Megatron-Core
-model-parallel groups, and the RNG tracker. It installs the CPU shims first when
-there is no CUDA.
+model-parallel groups, and the RNG tracker. It applies the CPU shims first when
+there is no CUDA (megasyne.megatron_patches).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megasyne.parallel import cpu_shims
+from megasyne import megatron_patches
 from megasyne.parallel.dims import ParallelConfigError, ParallelDims
 
 
@@ -36,7 +36,7 @@ def init_parallel(dims: ParallelDims, *, seed: int = 1234, timeout_s: float = 60
             f"started {world_size} ranks: set --nproc_per_node (x nnodes) to {dims.world_size} "
             f"or change tp/pp/dp"
         )
-    cpu_shims.install()
+    megatron_patches.apply_cpu_shims()
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)

@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from megasyne.atomic import atomic_write
+from megasyne.errors import RecipeToolError
 
 FORMAT = "megasyne-blocks/1"
 _BLOCK_RE = re.compile(r"^block_(\d{8})\.npz$")
 
 
-class BlockStateError(RuntimeError):
+class BlockStateError(RecipeToolError, RuntimeError):
     """The state directory belongs to another run, or a block file is damaged (names the file)."""
 
 

@@ -36,10 +36,11 @@ import numpy as np
 
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
+from megasyne.errors import RecipeToolError
 from megasyne.syne.blocks import BlockStore
 
 
-class ScoreError(ValueError):
+class ScoreError(RecipeToolError, ValueError):
     """Bad scoring configuration (the message names the option)."""
 
 

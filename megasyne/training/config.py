@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from megasyne.atomic import atomic_write_text
+from megasyne.errors import ConfigError  # (also imported from here by the trainer)
 from megasyne.model.config import LlamaConfig
 from megasyne.model.presets import get_preset
 from megasyne.parallel.dims import ParallelConfigError, ParallelDims
@@ -26,9 +27,6 @@ from megasyne.training.schedule import ScheduleConfig
 if TYPE_CHECKING:  # imported lazily at parse time (they pull in the eval / syne packages)
     from megasyne.training.hooks.adaptive_mixture import AdaptiveTrainConfig
     from megasyne.training.hooks.bench_probe import BenchEvalConfig
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; names the key."""
 
 
 @dataclass(kw_only=True, frozen=True)

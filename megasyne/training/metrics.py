@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 
 from megasyne.atomic import atomic_write_text
+from megasyne.errors import DataError
 
 # Dense bf16 peak per card (vendor datasheets; SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12}
 
 
-class MetricsError(ValueError):
+class MetricsError(DataError, ValueError):
     """metrics.jsonl cannot be read back (a corrupt line other than a torn last one)."""
 
 

@@ -16,8 +16,9 @@ value once, after its all-reduce), ``torch._foreach_copy_`` for the scale-1 copy
 dtype in the same pass) and ``torch._foreach_mul_`` in place for clipping. Same math; the sums
 are ordered differently, so results agree to rounding, not bit for bit.
 
-``install()`` replaces only Megatron-Core's *local* fallbacks (apex's or TE's kernels, when
-present, are kept), in the two modules that picked them at import.
+``megasyne.megatron_patches.apply_multi_tensor_fallbacks()`` puts these in place of only
+Megatron-Core's *local* fallbacks (apex's or TE's kernels, when present, are kept), in the two
+modules that picked them at import.
 """
 
 from __future__ import annotations
@@ -46,23 +47,3 @@ def multi_tensor_scale(chunk_size, noop_flag, tensor_lists, scale):
         torch._foreach_mul_(dst, scale)
     else:
         torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
-
-
-def install() -> list[str]:
-    """Use these in place of Megatron-Core's local fallbacks; returns what was replaced."""
-    from megatron.core import utils
-    from megatron.core.optimizer import clip_grads, optimizer
-
-    replaced = []
-    slots = [(clip_grads, "l2_norm_impl", utils.local_multi_tensor_l2_norm, multi_tensor_l2norm),
-             (clip_grads, "multi_tensor_scale_impl", utils.local_multi_tensor_scale,
-              multi_tensor_scale),
-             (optimizer, "multi_tensor_scale_impl", utils.local_multi_tensor_scale,
-              multi_tensor_scale)]
-    for module, name, fallback, ours in slots:
-        current = getattr(module, name, None)
-        if current is fallback:
-            setattr(module, name, ours)
-        if getattr(module, name, None) is ours:
-            replaced.append(f"{module.__name__}.{name}")
-    return replaced

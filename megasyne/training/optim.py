@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megasyne import megatron_patches
 from megasyne.parallel.dims import ParallelDims
-from megasyne.training import multi_tensor
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -81,7 +81,7 @@ def build_optimizer(ddp_chunks: list, dims: ParallelDims, cfg: OptimConfig):
     )
     # Megatron-Core's no-apex fallbacks for the grad norm, clipping and the master->model
     # weight copy sync per tensor and copy twice: torch's _foreach kernels instead.
-    multi_tensor.install()
+    megatron_patches.apply_multi_tensor_fallbacks()
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
     apply_weight_decay_mult(optimizer, cfg.weight_decay)
     fused = torch.cuda.is_available() if cfg.fused_adam is None else cfg.fused_adam

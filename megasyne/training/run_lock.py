@@ -18,8 +18,10 @@ import socket
 import sys
 from pathlib import Path
 
+from megasyne.errors import ConfigError
 
-class RunDirBusy(RuntimeError):
+
+class RunDirBusy(ConfigError):
     """Another process holds the run directory."""
 
 

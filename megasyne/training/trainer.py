@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megasyne.checkpoint import dist as ckpt
+from megasyne.errors import TrainingError
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.parallel.init import comm_device, init_parallel, launcher_world
 from megasyne.training import metrics as M
@@ -40,7 +41,7 @@ from megasyne.training.step import StepResult, gpt_forward_step, train_step
 print0 = M.print0
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(TrainingError, RuntimeError):
     """Too many consecutive non-finite steps, or another unrecoverable condition."""
 
 

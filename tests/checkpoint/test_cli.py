@@ -60,6 +60,8 @@ def test_both_directions_from_the_command_line(hf_dir, tmp_path):
     # A second run refuses to overwrite what the first one wrote.
     proc = _run("megasyne-to-hf", "--checkpoint", ckpt, "--output", out)
     assert proc.returncode == 2 and "already exists" in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: ")] == \
+        proc.stderr.strip().splitlines()[-1:]
 
 
 def _bad_config(tmp_path, **over):
@@ -101,9 +103,19 @@ def test_bad_input_fails_before_writing(tmp_path, capsys, case, message):
     capsys.readouterr()  # drop the fixtures' output
     assert tool.main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("convert_hf: error:") and message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     if case == "output_exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial output
+
+
+def test_only_rank_0_reports_an_error(tmp_path, capsys, monkeypatch):
+    # Under torchrun every rank checks the same inputs; one line for the job, not one per rank.
+    tool = _load_tool()
+    args = ["megasyne-to-hf", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")]
+    monkeypatch.setenv("RANK", "1")
+    assert tool.main(args) == 2 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert tool.main(args) == 2 and capsys.readouterr().err.startswith("error: no megasyne")

@@ -51,5 +51,7 @@ def test_tool_fails_clearly_on_a_bad_recipe(tmp_path):
     bad.write_text("seq_length: 8\nsources: {a: x}\nstages: [{name: s, samples: 2, weights: {b: 1}}]\n")
     r = run_tool("--recipe", str(bad), "--output", str(tmp_path / "i"))
     assert r.returncode == 2
+    assert r.stderr.splitlines()[-1].startswith("error: ")
+    assert [line for line in r.stderr.splitlines() if "error" in line] == [r.stderr.splitlines()[-1]]
     assert "stages[0].weights.b: unknown source 'b'" in r.stderr
     assert "Traceback" not in r.stderr

@@ -37,6 +37,19 @@ def test_a_bad_line_names_file_and_line(tmp_path, line, message):
         list(read_jsonl(p, MyError))
 
 
+def test_a_missing_or_binary_file_is_the_callers_error(tmp_path):
+    with pytest.raises(MyError, match=r"nope.jsonl: cannot read it \(No such file"):
+        list(read_jsonl(tmp_path / "nope.jsonl", MyError))
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n')
+    with pytest.raises(MyError, match="latin1.jsonl:2: not UTF-8"):
+        list(read_jsonl(p, MyError))
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"a": 1}\n' * 1000)[:60])  # truncated mid-stream
+    with pytest.raises(MyError, match="cut.jsonl.gz: cannot read it after line"):
+        list(read_jsonl(gz, MyError))
+
+
 def _bad_file(tmp_path, topic="x"):
     """Line 1 is a good record, line 2 a JSON list."""
     p = tmp_path / "in.jsonl"

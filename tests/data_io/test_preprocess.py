@@ -219,14 +219,19 @@ def test_parquet_missing_column_names_the_row(tmp_path, hf_tokenizer_path):
 def test_cli_flags(tmp_path, corpus, hf_tokenizer_path, sp_tokenizer_path, capsys):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t, "t2": t[:5]} for t in corpus[:30]])
     base = ["--input", src, "--output-prefix", str(tmp_path / "out" / "c"), "--no-progress"]
+    # every refusal: exit status 2 and one line "error: ..." on stderr
     assert preprocess_data.main(base + ["--tokenizer-model", hf_tokenizer_path,
-                                        "--tokenizer-type", "SentencePieceTokenizer"]) == 1
-    assert "looks like hf" in capsys.readouterr().err
+                                        "--tokenizer-type", "SentencePieceTokenizer"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "looks like hf" in err and err.count("\n") == 1
     assert preprocess_data.main(base + ["--tokenizer-model", hf_tokenizer_path,
                                         "--tokenizer-type", "GPT2BPETokenizer"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --tokenizer-type GPT2BPETokenizer") and err.count("\n") == 1
     assert preprocess_data.main(base + ["--input", str(tmp_path / "nothing*.jsonl"),
-                                        "--tokenizer-model", hf_tokenizer_path]) == 1
-    assert "no file matches" in capsys.readouterr().err
+                                        "--tokenizer-model", hf_tokenizer_path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no file matches" in err and err.count("\n") == 1
     assert outputs(tmp_path) == []
     assert preprocess_data.main(base + ["--tokenizer-model", sp_tokenizer_path, "--tokenizer-type",
                                         "SentencePieceTokenizer", "--json-keys", "text,t2",

@@ -129,7 +129,7 @@ def test_cli_errors_name_what_is_wrong(tmp_path, fixture_tasks, capsys):
     for argv, message in cases:
         assert tool.main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert message in err, (argv, err)
+        assert message in err and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
     assert not (tmp_path / "r.json").exists()
 
 
@@ -140,4 +140,5 @@ def test_cli_table_and_compare(tmp_path):
     assert "| MMLU      | 25.00 | 50.00 | +25.00" in proc.stdout
     proc = run_tool("tools/evaluate.py", "table", tmp_path / "a.json", tmp_path / "nope.json", check=False)
     assert proc.returncode == 2 and "nope.json does not exist" in proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
 

@@ -50,7 +50,7 @@ def main(out_dir: str, layout: str) -> None:
         assert chunks[0].use_triton_cross_entropy is kernels
         from megatron.core.models.common.embeddings import rope_utils
 
-        from megasyne.model.fusions import SwiGLU, _fused_rope
+        from megasyne.model.fusions import SwiGLU, fused_rope
 
         swiglus = [m for m in chunks[0].modules() if isinstance(m, SwiGLU)]
         assert len(swiglus) == (cfg.num_layers if kernels else 0)
@@ -61,7 +61,7 @@ def main(out_dir: str, layout: str) -> None:
         layers = list(chunks[0].decoder.layers)
         assert all(isinstance(l, FusedResidualNormLayer) is kernels for l in layers)
         assert not kernels or all(l.fused_reason is None for l in layers)
-        assert not kernels or rope_utils.fused_apply_rotary_pos_emb is _fused_rope
+        assert not kernels or rope_utils.fused_apply_rotary_pos_emb is fused_rope
         # Checkpoints do not depend on the switch: the same sharded keys (Megatron's MLP
         # asks the activation module for its sharded state too).
         keys = sorted(chunks[0].sharded_state_dict().keys())

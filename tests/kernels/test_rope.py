@@ -94,13 +94,13 @@ def test_unsupported_inputs_are_named():
 def test_megatron_fused_slot_falls_back_for_interleaved():
     """Our function in Megatron-Core's fused-RoPE slot: the interleaved convention (not
     implemented by the kernel) is handed to Megatron-Core's unfused code."""
-    from megasyne.model.fusions import _fused_rope
+    from megasyne.model.fusions import fused_rope
 
     t = torch.randn(5, 2, 3, 8)
     freqs = angles(5, 8)
-    assert_close(_fused_rope(t, freqs), reference(t, freqs), what="non-interleaved")
+    assert_close(fused_rope(t, freqs), reference(t, freqs), what="non-interleaved")
     inter = _apply_rotary_pos_emb_bshd(t.double(), freqs.double(), rotary_interleaved=True)
-    assert_close(_fused_rope(t, freqs, interleaved=True), inter, what="interleaved")
+    assert_close(fused_rope(t, freqs, interleaved=True), inter, what="interleaved")
 
 
 @pytest.mark.parametrize("rows, warps", [(1, 4), (4, 1), (8, 2)])

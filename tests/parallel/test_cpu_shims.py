@@ -4,14 +4,14 @@ import megasyne  # noqa: F401
 import pytest
 import torch
 
-from megasyne.parallel import cpu_shims
+from megasyne.megatron_patches import apply_cpu_shims, cpu_shims
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 
 
 def test_install_is_idempotent_and_scoped():
-    assert cpu_shims.install() is True
-    assert cpu_shims.install() is True
+    assert apply_cpu_shims() is True
+    assert apply_cpu_shims() is True
     from megatron.core.pipeline_parallel import schedules
 
     # Patched modules see CPU tensors for device="cuda" ...
@@ -34,7 +34,7 @@ def test_tensor_type_reports_cuda_name_only_inside_the_wrapped_megatron_calls():
 
 
 def test_rng_tracker_forks_the_cpu_generator():
-    cpu_shims.install()
+    apply_cpu_shims()
     from megatron.core import tensor_parallel
 
     tracker = tensor_parallel.random.CudaRNGStatesTracker()
@@ -49,7 +49,7 @@ def test_rng_tracker_forks_the_cpu_generator():
 
 
 def test_tensor_cuda_is_identity_only_inside_the_tied_embedding_setup():
-    cpu_shims.install()
+    apply_cpu_shims()
     from megatron.core.models.common.language_module.language_module import LanguageModule
 
     t = torch.zeros(2)

@@ -172,6 +172,12 @@ def test_state_of_another_configuration_is_refused(tmp_path):
 def test_bad_options_fail_clearly(work):
     proc = _tool("--data-prefix", work["prefix"], "--hf-dir", work["root"] / "hf", "--tp", "2",
                  check=False)
-    assert proc.returncode == 1 and "--tp/--pp/--virtual-pp need a megasyne --checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "--tp/--pp/--virtual-pp need a megasyne --checkpoint" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --tp/--pp/--virtual-pp")
+    assert sum(line.startswith("error: ") for line in proc.stderr.splitlines()) == 1
+    proc = _tool("--data-prefix", work["root"] / "none", "--hf-dir", work["root"] / "hf",
+                 check=False)  # fails on the dataset before the model loads
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and \
+        f"{work['root'] / 'none'}.idx: no such file" in proc.stderr, proc.stderr[-3000:]
     with pytest.raises(ValueError, match="--stride"):
         ScoreConfig(prefix="x", window=8, stride=9)

@@ -215,11 +215,34 @@ def test_cli_killed_run_resumes_to_the_same_output(http_run, tmp_path):
         assert report["items_done_before"] == 3 and report["pending"] == 0
         assert report["total"] == EXPECTED
         changed = _tool(*args[:-1], "--samples", 2, check=False)  # other settings: refused
-        assert changed.returncode == 1 and "samples_per_snippet" in changed.stderr
+        assert changed.returncode == 2 and "samples_per_snippet" in changed.stderr
+        assert changed.stderr.startswith("error: ") and changed.stderr.count("\n") == 1
     mine = [json.loads(line) for line in out.read_text().splitlines()]
     ref = [json.loads(line) for line in (http_run["tmp"] / "qa.jsonl").read_text().splitlines()]
     assert [(r["key"], r["problem"], r["solution"]) for r in mine] == \
         [(r["key"], r["problem"], r["solution"]) for r in ref]
+
+
+def test_cli_bad_inputs_are_one_error_line_and_exit_2(tmp_path):
+    pages = _pages(tmp_path / "pages.jsonl", ["good_a"])
+    (tmp_path / "bench.json").write_text("{not json")
+    base = ["--pages", pages, "--output", tmp_path / "qa.jsonl", "--no-progress"]
+    cases = [
+        (["--hf-model", tmp_path / "none"], f"--hf-model {tmp_path / 'none'}: no config.json"),
+        (["--openai-url", "http://127.0.0.1:9/v1"], "--openai-url needs --model"),
+        (["--openai-url", "http://127.0.0.1:9/v1", "--model", "m", "--concurrency", "0"],
+         "need concurrency (--concurrency) >= 1"),
+        (["--openai-url", "http://127.0.0.1:9/v1", "--model", "m", "--benchmark",
+          tmp_path / "gone.jsonl"], f"benchmark file {tmp_path / 'gone.jsonl'}: cannot read it"),
+        (["--openai-url", "http://127.0.0.1:9/v1", "--model", "m", "--benchmark",
+          tmp_path / "bench.json"], f"benchmark file {tmp_path / 'bench.json'}: not JSON"),
+    ]
+    for extra, message in cases:
+        proc = _tool(*base, *extra, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.startswith(f"error: {message}") and proc.stderr.count("\n") == 1, \
+            proc.stderr[-3000:]
+    assert not (tmp_path / "qa.jsonl").exists() and not (tmp_path / "qa.jsonl.run.json").exists()
 
 
 def test_unreachable_server_is_a_counted_error():

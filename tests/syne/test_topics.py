@@ -145,6 +145,14 @@ def _tool(*args, check=True):
     return proc
 
 
+def test_cli_bad_input_is_one_error_line_and_exit_2(tmp_path):
+    proc = _tool("label", "--head", tmp_path / "none", "--input", PAGES, "--output",
+                 tmp_path / "out.jsonl", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: {tmp_path / 'none'}: not a topic head directory")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "out.jsonl").exists()
+
+
 def test_label_dataset_killed_and_resumed(tax, tmp_path):
     """Chinese paragraphs -> .bin/.idx (preprocess_data) -> `label` (killed after 1 of 4 blocks,
     then resumed) -> categorical field `topic` equal to the classifier's own predictions."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 from megatron.core import utils
 
+from megasyne.megatron_patches import apply_multi_tensor_fallbacks
 from megasyne.training import multi_tensor as mt
 
 FLAG = torch.zeros(1, dtype=torch.int)
@@ -18,9 +19,9 @@ FLAG = torch.zeros(1, dtype=torch.int)
 def cpu_shims():
     """Megatron's fallbacks put their result on "cuda" and assert CUDA tensor types; the CPU
     shims (a no-op with CUDA) map those to the CPU, as in every CPU run."""
-    from megasyne.parallel import cpu_shims as shims
+    from megasyne.megatron_patches import apply_cpu_shims
 
-    shims.install()
+    apply_cpu_shims()
 
 
 def tensors(seed, shapes=((5, 3), (7,), (1,), (64, 33))):
@@ -74,13 +75,13 @@ def test_install_replaces_only_megatrons_fallbacks(monkeypatch):
         raise AssertionError("not called")
 
     monkeypatch.setattr(optimizer, "multi_tensor_scale_impl", apex_like)
-    replaced = mt.install()
+    replaced = apply_multi_tensor_fallbacks()
     assert clip_grads.l2_norm_impl is mt.multi_tensor_l2norm
     assert clip_grads.multi_tensor_scale_impl is mt.multi_tensor_scale
     assert optimizer.multi_tensor_scale_impl is apex_like
     assert replaced == ["megatron.core.optimizer.clip_grads.l2_norm_impl",
                         "megatron.core.optimizer.clip_grads.multi_tensor_scale_impl"]
-    assert mt.install() == replaced                           # idempotent
+    assert apply_multi_tensor_fallbacks() == replaced                           # idempotent
 
 
 def test_megatron_clipping_with_our_ops_matches_torch():
@@ -88,7 +89,7 @@ def test_megatron_clipping_with_our_ops_matches_torch():
     gradient norm exceeds the limit equals torch.nn.utils.clip_grad_norm_."""
     from megatron.core.optimizer import clip_grads
 
-    mt.install()
+    apply_multi_tensor_fallbacks()
     params = [torch.nn.Parameter(t) for t in tensors(3)]
     ref = [torch.nn.Parameter(t.clone()) for t in tensors(3)]
     for p, r, g in zip(params, ref, tensors(4)):

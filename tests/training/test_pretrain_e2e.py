@@ -125,16 +125,22 @@ def test_nan_step_is_skipped_without_touching_the_weights(setup):
         assert torch.equal(after_skip.read(pm.megatron), ref_step2.read(pm.megatron)), pm.megatron
 
 
+def _error_lines(proc) -> int:
+    return sum(line.startswith("error: ") for line in proc.stderr.splitlines())
+
+
 def test_too_many_nan_steps_in_a_row_abort_with_a_message(setup):
     proc = launch(setup, "abort", "fault_nan_steps=[2,3]", "max_nonfinite_in_a_row=2")
     assert proc.returncode != 0
     assert "2 consecutive steps with a non-finite loss (last at step 3)" in proc.stderr
+    assert _error_lines(proc) == 1 and "error: training aborted: 2 consecutive" in proc.stderr
 
 
 def test_bad_stage_name_fails_before_training(setup):
     proc = launch(setup, "badstage", "stop_after_stage=stage9")
     assert proc.returncode != 0
     assert "no stage 'stage9'" in proc.stderr and "['stage1', 'stage2']" in proc.stderr
+    assert _error_lines(proc) == 1  # rank 0 says it; rank 1 fails alike, quietly
     assert not (setup / "badstage" / "metrics.jsonl").exists()
 
 
@@ -143,6 +149,7 @@ def test_data_tokenised_for_a_larger_vocabulary_fails_before_training(setup):
     assert proc.returncode != 0  # (each rank exits 2; torchrun reports 1)
     assert "en_drama_text_document was tokenised with" in proc.stderr
     assert "(vocabulary 512) but the model's vocab_size is 256" in proc.stderr
+    assert _error_lines(proc) == 1
     assert not (setup / "badvocab" / "metrics.jsonl").exists()
 
 

@@ -20,6 +20,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from megasyne.errors import RecipeToolError
+
 _P_LABEL = r"(?:problem|question|exercise|问题|题目)"
 _S_LABEL = r"(?:solution|answer|worked solution|解答|答案|解析|解)"
 # A label starts a line (after optional '>', '#' heading marks, '**'), may carry a number, and
@@ -32,6 +34,10 @@ PLACEHOLDER_RE = re.compile(r"<\s*(?:the )?(?:problem|solution|step-by-step solu
                             r"\[(?:the )?(?:problem description|solution)\]", re.IGNORECASE)
 CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 LATIN_RE = re.compile(r"[A-Za-z]")
+
+
+class SynthError(RecipeToolError, ValueError):
+    """Bad input or a resume that does not match (the message names the file/option)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -169,21 +175,26 @@ def read_benchmark_texts(path: str | Path) -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
     stem = path.with_suffix("") if path.suffix == ".gz" else path
     texts: list[str] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        if stem.suffix == ".jsonl":
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        _strings(json.loads(line), texts)
-                    except json.JSONDecodeError as exc:
-                        raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
-        elif stem.suffix == ".json":
-            try:
-                _strings(json.load(f), texts)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: not JSON ({exc})") from None
-        else:
-            texts.extend(line for line in f.read().split("\n\n") if line.strip())
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if stem.suffix == ".jsonl":
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            _strings(json.loads(line), texts)
+                        except json.JSONDecodeError as exc:
+                            raise SynthError(f"benchmark file {path}:{n}: not JSON ({exc})") \
+                                from None
+            elif stem.suffix == ".json":
+                try:
+                    _strings(json.load(f), texts)
+                except json.JSONDecodeError as exc:
+                    raise SynthError(f"benchmark file {path}: not JSON ({exc})") from None
+            else:
+                texts.extend(line for line in f.read().split("\n\n") if line.strip())
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        raise SynthError(f"benchmark file {path}: cannot read it ({exc}); check --benchmark") \
+            from None
     return texts
 
 
@@ -224,5 +235,6 @@ class Contamination:
         return None
 
 
-__all__ = ["Contamination", "NearDuplicates", "QAPair", "copied_from_seed", "language_ok",
-           "ngrams", "normalise", "parse_qa", "read_benchmark_texts", "units", "validate"]
+__all__ = ["Contamination", "NearDuplicates", "QAPair", "SynthError", "copied_from_seed",
+           "language_ok", "ngrams", "normalise", "parse_qa", "read_benchmark_texts", "units",
+           "validate"]

@@ -24,6 +24,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from megasyne.syne.synth.filters import SynthError
+
 RETRY_STATUS = {408, 409, 425, 429}
 
 
@@ -80,7 +82,9 @@ class OpenAIChatBackend:
 
     def __post_init__(self) -> None:
         if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0:
-            raise ValueError("concurrency >= 1, max_retries >= 0 and timeout > 0 are required")
+            raise SynthError(f"need concurrency (--concurrency) >= 1, max_retries (--retries) >= 0 "
+                             f"and timeout (--timeout) > 0; got {self.concurrency}, "
+                             f"{self.max_retries}, {self.timeout}")
         self.url = self.base_url.rstrip("/") + "/chat/completions"
         self._rng = random.Random(0)
         self._lock = threading.Lock()

@@ -32,14 +32,12 @@ from pathlib import Path
 
 from megasyne.atomic import atomic_write_json, atomic_write_text
 from megasyne.jsonl import read_jsonl
-from megasyne.syne.synth.filters import Contamination, NearDuplicates, parse_qa, validate
+from megasyne.syne.synth.filters import (  # SynthError: defined there, the lowest module
+    Contamination, NearDuplicates, SynthError, parse_qa, validate,
+)
 from megasyne.syne.synth.templates import Disciplines
 
 OUTPUT_LABELS = {"en": ("Problem:", "Solution:"), "zh": ("问题：", "解答：")}
-
-
-class SynthError(ValueError):
-    """Bad input or a resume that does not match (the message names the file/option)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -211,6 +209,9 @@ def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[S
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         raise SynthError(f"{run_path}: {out} was made with other settings (differs in {diff}); "
                          "use the same settings to resume, another --output, or --restart")
+    # read before anything is written: a bad benchmark file leaves no run behind
+    contamination = Contamination(cfg.benchmark_files, n=cfg.contamination_n,
+                                  n_cjk=cfg.contamination_n_cjk) if cfg.benchmark_files else None
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_path, settings, indent=2, ensure_ascii=False)
 
@@ -221,8 +222,6 @@ def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[S
     dedup = NearDuplicates(threshold=cfg.dedup_threshold)
     for r in kept:
         dedup.add(r["key"], r["problem"] + "\n" + r["solution"])
-    contamination = Contamination(cfg.benchmark_files, n=cfg.contamination_n,
-                                  n_cjk=cfg.contamination_n_cjk) if cfg.benchmark_files else None
 
     items, n_snippets = plan_items(seeds, cfg)
     pending = [it for it in items if it.key not in done]

@@ -8,12 +8,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megasyne.errors import RecipeToolError
+
 PLACEHOLDERS = ("discipline", "guidance", "content")
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _LIMITS = ("min_problem_chars", "max_problem_chars", "min_solution_chars", "max_solution_chars")
 
 
-class TemplateError(ValueError):
+class TemplateError(RecipeToolError, ValueError):
     """A bad disciplines file (the message names the file and the field path)."""
 
 

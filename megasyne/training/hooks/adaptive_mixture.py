@@ -101,7 +101,9 @@ class AdaptiveMixtureHook(Hook):
         for t in self.cfg.topics:
             key = f"{t}/ppl"
             if key not in eval_result:
-                raise ValueError(f"adaptive: the evaluation at step {step} has no {key} "
+                from megasyne.errors import ConfigError
+
+                raise ConfigError(f"adaptive: the evaluation at step {step} has no {key} "
                                  f"(eval_samples too small to reach every topic?)")
             # Testing hook (like fault_nan_steps): a topic's measured perplexity grows by this
             # rate per interval, to exercise the rule end to end on a tiny model.

@@ -1,15 +1,16 @@
 """Every place where megatron-core 0.16.1 assumes CUDA, neutralised for CPU runs.
 
-This is the ONLY module in megasyne that patches Megatron-Core. ``install()`` is a
-no-op when CUDA is available: on a GPU nothing is patched. Without CUDA (CI, laptops)
-each shim below fixes one crash that a Megatron-Core code path we use would hit;
-the comment on each names the crash. Keep the list short and keep it here.
+One of the patches of ``megasyne.megatron_patches`` (applied with ``apply_cpu_shims()``; the
+registry there lists every attribute changed here). ``install()`` is a no-op when CUDA is
+available: on a GPU nothing is patched. Without CUDA (CI, laptops) each shim below fixes
+one crash that a Megatron-Core code path we use would hit; the comment on each names the
+crash. Keep the list short and keep it here.
 
 How: the patched Megatron modules get a stand-in for their module-level ``torch``
 name (``_TorchOnCpu``) that maps ``device="cuda"`` to the CPU in tensor factories
 and answers ``torch.cuda.current_device()`` / ``synchronize()`` / RNG calls with CPU
 equivalents; everything else is forwarded to the real torch. Only the modules
-listed in ``_MODULES_WITH_CUDA_DEVICES`` see it, so user code is untouched.
+listed in ``MODULES_WITH_CUDA_DEVICES`` see it, so user code is untouched.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class _TorchOnCpu(types.ModuleType):
 #   torch.cuda.current_device(); exchange_utils exchanges shard metadata on CUDA tensors.
 # - tensor_parallel.layers / mappings / data / utils, transformer.module, utils:
 #   buffers and broadcasts placed on torch.cuda.current_device().
-_MODULES_WITH_CUDA_DEVICES = (
+MODULES_WITH_CUDA_DEVICES = (
     "megatron.core.tensor_parallel.random",
     "megatron.core.tensor_parallel.layers",
     "megatron.core.tensor_parallel.mappings",
@@ -216,7 +217,7 @@ def install() -> bool:
     if _INSTALLED:
         return True
     torch_on_cpu = _TorchOnCpu()
-    for name in _MODULES_WITH_CUDA_DEVICES:
+    for name in MODULES_WITH_CUDA_DEVICES:
         module = importlib.import_module(name)
         module.torch = torch_on_cpu
 
