@@ -242,3 +242,24 @@ def test_a_full_disk_fails_with_a_message_and_leaves_nothing(tmp_path, monkeypat
         assert f"no space left on device while writing {out / 'c_text_document'}" in err, err
         assert "free space" in err and "nothing was published" in err
         assert listing(out) == []  # no dataset, no temporary file, no lock
+
+
+@pytest.mark.parametrize("heads, groups, ffn", [(32, 8, 14336), (8, 2, 160), (12, 12, 100),
+                                                (16, 4, 48)])
+def test_the_tp_hint_lists_only_degrees_that_pass_every_check(heads, groups, ffn):
+    """The hint for 32 heads / 8 KV groups used to offer tp=16 and 32, which then failed."""
+    from megasyne.parallel.dims import ParallelConfigError, ParallelDims
+
+    shape = dict(num_layers=2, num_attention_heads=heads, num_query_groups=groups,
+                 ffn_hidden_size=ffn)
+    for tp in range(2, heads + 2):
+        try:
+            ParallelDims(tp=tp, world_size=tp).validate_for_model(**shape)
+            continue
+        except ParallelConfigError as exc:
+            hint = re.search(r"choose tp among \[([\d, ]+)\]", str(exc))
+        assert hint, f"tp={tp}: no hint in the error"
+        offered = [int(d) for d in hint.group(1).split(",")]
+        assert 1 in offered and tp not in offered
+        for d in offered:  # each offered degree passes
+            ParallelDims(tp=d, world_size=d).validate_for_model(**shape)
