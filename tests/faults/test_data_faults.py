@@ -11,6 +11,7 @@ which one ran (``-s`` prints it).
 from __future__ import annotations
 
 import builtins
+import bz2
 import errno
 import gzip
 import json
@@ -21,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-import bz2
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +264,110 @@ def test_the_tp_hint_lists_only_degrees_that_pass_every_check(heads, groups, ffn
         assert 1 in offered and tp not in offered
         for d in offered:  # each offered degree passes
             ParallelDims(tp=d, world_size=d).validate_for_model(**shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversion and checkpoints
+def _files(d) -> dict[str, bytes]:
+    return {p: (d / p).read_bytes() for p in listing(d) if (d / p).is_file()}
+
+
+def test_convert_refuses_its_own_input_and_overwrite_keeps_other_files(tmp_path, capsys):
+    """--overwrite used to delete the whole output directory, and --output equal to --hf-dir was
+    accepted (the conversion would then replace its own input)."""
+    from megasyne.checkpoint.hf import HFCheckpoint
+    from megasyne.checkpoint.hf_convert import hf_to_megasyne, megasyne_to_hf
+    from tests.checkpoint.hf_models import make_hf_model
+    from tests.checkpoint.test_cli import _load_tool
+
+    hf = make_hf_model("gqa", tmp_path / "models" / "hf")
+    original = _files(hf)
+    tool = _load_tool()
+    capsys.readouterr()
+    for output, relation in ((hf, "is"), (hf / "ms", "is inside"), (tmp_path / "models", "contains")):
+        assert tool.main(["hf-to-megasyne", "--hf-dir", str(hf), "--output", str(output),
+                          "--overwrite", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {output} {relation} the input {hf}" in err, err
+        assert "choose an --output outside" in err
+    assert _files(hf) == original and not (hf / "ms").exists()
+
+    ms = tmp_path / "ms"
+    (ms / "notes").mkdir(parents=True)
+    (ms / "notes" / "eval.txt").write_text("user data")
+    hf_to_megasyne(hf, ms, overwrite=True, progress=False)
+    assert sorted(listing(ms))[:3] == ["iter_0000000", "iter_0000000/dist",
+                                       "iter_0000000/dist/.metadata"]
+    assert (ms / "notes" / "eval.txt").read_text() == "user data"
+    assert (ms / "latest").read_text() == "iter_0000000\n"
+
+    out = tmp_path / "hf_out"
+    megasyne_to_hf(ms, out, max_shard_size="100KB", progress=False)
+    assert len([p for p in out.iterdir() if p.suffix == ".safetensors"]) > 1
+    (out / "README.md").write_text("model card")
+    megasyne_to_hf(ms, out, overwrite=True, progress=False)  # one shard this time
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model-00001-of-00001.safetensors",
+        "model.safetensors.index.json"]  # old shards gone, the user's file kept, no temp left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    a, b = HFCheckpoint(hf), HFCheckpoint(out)
+    for name in a.names():
+        assert a.get(name).equal(b.get(name)), name
+
+
+@pytest.fixture
+def tiny_model():
+    """A two-layer Llama on one process (a 1-rank gloo group), ~107k parameters."""
+    import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
+    from megasyne.model.builder import ModelRuntime, build_model
+    from megasyne.model.config import LlamaConfig
+    from megasyne.parallel.dims import ParallelDims
+    from megasyne.parallel.init import destroy_parallel, init_parallel
+
+    cfg = LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=128, vocab_size=256, max_position_embeddings=64)
+    init_parallel(ParallelDims(), seed=0)
+    try:
+        yield cfg, build_model(cfg, ParallelDims(), ModelRuntime())
+    finally:
+        destroy_parallel()
+
+
+def test_a_full_disk_during_a_checkpoint_save(tmp_path, monkeypatch, tiny_model):
+    """It surfaced as torch's "inline_container.cc:672 unexpected pos" and left the .tmp."""
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megasyne.checkpoint.dist import CheckpointError, load_checkpoint, save_checkpoint
+
+    cfg, chunks = tiny_model
+    disk = tmp_path / "disk"
+    with small_tmpfs(disk, "600k") as mounted:  # one checkpoint (~470 KB) fits, two do not
+        print(f"full disk: {'a 600 KiB tmpfs' if mounted else 'failure injected into the save'}")
+        root = disk / "checkpoints"
+        save_checkpoint(root, 1, chunks, model_config=cfg.to_dict(), layout={})
+        if not mounted:
+            real_save = dist_checkpointing.save
+
+            def save_on_full_disk(state, directory, **kwargs):  # what torch raises on ENOSPC
+                (Path(directory) / "__0_0.distcp").write_bytes(b"partial")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                   "704 vs 598")
+
+            monkeypatch.setattr(dist_checkpointing, "save", save_on_full_disk)
+        saved = [p.detach().clone() for p in chunks[0].parameters()]
+        with torch.no_grad():
+            for p in chunks[0].parameters():
+                p.add_(1.0)
+        with pytest.raises(CheckpointError) as e:
+            save_checkpoint(root, 2, chunks, model_config=cfg.to_dict(), layout={})
+        assert str(e.value) == (
+            f"no space left on device while writing {root / 'iter_0000002.tmp'}: free space or "
+            f"change run_dir; the previous checkpoint {root / 'iter_0000001'} is intact "
+            "('latest' names it)")
+        assert sorted(os.listdir(root)) == ["iter_0000001", "latest"]
+        if not mounted:
+            monkeypatch.setattr(dist_checkpointing, "save", real_save)
+        assert load_checkpoint(root, chunks, model_config=cfg.to_dict())["iteration"] == 1
+        for p, q in zip(chunks[0].parameters(), saved):
+            assert torch.equal(p, q)
