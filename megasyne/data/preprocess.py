@@ -359,12 +359,12 @@ def _bad_rows(cfg: PreprocessConfig, result, columns) -> list[tuple[int, str]]:
     return rows
 
 
-def _write_batch(cfg: PreprocessConfig, path: str, nums, result, writers, columns,
+def _write_batch(cfg: PreprocessConfig, path: str, parquet: bool, nums, result, writers, columns,
                  tally: _Tally) -> None:
     _, lengths, flats, meta = result
     bad_rows = _bad_rows(cfg, result, columns)
     for r, why in sorted(bad_rows):
-        where = _loc(path, nums[r], is_parquet(path))
+        where = _loc(path, nums[r], parquet)
         if not cfg.skip_bad_lines:
             raise PreprocessError(f"{where}: {why} (use --skip-bad-lines to skip bad lines)")
         tally.skipped += 1
@@ -386,6 +386,7 @@ def _tokenise(cfg, spec, tok, files, writers, columns, tally: _Tally) -> None:
     """Read, encode and write every record of every file into the (staged) writers."""
     progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     t0, next_log = time.time(), cfg.log_interval
+    parquet = [is_parquet(p) for p in files]
     with contextlib.ExitStack() as stack:
         bar = None
         if progress:
@@ -398,7 +399,7 @@ def _tokenise(cfg, spec, tok, files, writers, columns, tally: _Tally) -> None:
         stack.callback(results.close)  # stops the workers on any error
         for fi, nums, result in results:
             tally.records[fi] += len(nums)
-            _write_batch(cfg, files[fi], nums, result, writers, columns, tally)
+            _write_batch(cfg, files[fi], parquet[fi], nums, result, writers, columns, tally)
             if bar is not None:
                 bar.update(len(nums))
                 rate = tally.tokens[0] / max(time.time() - t0, 1e-9)

@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from megasyne.data.indexed_dataset import IndexedDataset
