@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config.json (or its dir) for non-architecture fields such as token ids; "
                         "default: the HF config a converted checkpoint carries")
     for sp in (a, b):
-        sp.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace what an earlier conversion wrote in --output (other files "
+                             "there are kept)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
             # Check everything here, in one process, before starting any rank.
             inspect_hf(args.hf_dir, tp=args.tp, pp=args.pp, dtype=dtype)
-            check_output(Path(args.output), args.overwrite)
+            check_output(Path(args.output), args.overwrite, inputs=(args.hf_dir,))
             return _relaunch_under_torchrun(nproc, argv)
         out = hf_to_megasyne(args.hf_dir, args.output, tp=args.tp, pp=args.pp, dtype=dtype,
                              overwrite=args.overwrite, progress=not args.no_progress)

@@ -10,7 +10,14 @@ order with any ``--workers``, bad-line reporting and a per-document metadata sid
     # -> out/web_text_document.{bin,idx}, out/web_text_document.meta/{ppl,lang}.npy,
     #    out/web_text_document.report.json
 
-See megasyne/data/preprocess.py for the pipeline and megasyne/data/metadata.py for the sidecar.
+A dataset is complete or absent: its ``.idx`` is renamed into place last, after the ``.bin``, the
+sidecar and the report. Exit status 2 with one line ``error: ...`` on a bad line, a truncated or corrupt
+input file, a tokenizer worker that died (e.g. the OOM killer), a full disk or an output prefix
+another run is writing; nothing is published then. A run killed outright leaves temporary files,
+which the next run on the same --output-prefix removes.
+
+See megasyne/data/preprocess.py for the pipeline, megasyne/data/staging.py for publishing and
+megasyne/data/metadata.py for the sidecar.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reports = _run(args)
     except MegasyneError as exc:
+        return report(exc)
+    except OSError as exc:  # unreadable input, unwritable output: the message names the path
         return report(exc)
     for key, r in reports.items():
         print(json.dumps({k: r[k] for k in ("dataset", "docs", "tokens", "skipped", "empty",

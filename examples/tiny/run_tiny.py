@@ -72,6 +72,10 @@ def split_corpus() -> None:
 def preprocess(tokenizer: Path) -> None:
     for part, out in (("train", DATA), ("valid", DATA / "valid")):
         for name in SOURCES:
+            # The .idx is the preprocessor's commit marker, renamed into place after the .bin,
+            # the metadata sidecar and the report (megasyne/data/staging.py): if it exists, the
+            # whole dataset does. A run that failed or was killed leaves no .idx, so it is redone
+            # here (and that run removes the killed one's leftovers).
             if (out / f"{name}_text_document.idx").exists():
                 continue
             run([sys.executable, "tools/preprocess_data.py",

@@ -12,13 +12,17 @@ Layout of a checkpoint root (a run's ``checkpoints/`` or a converted model)::
 
 Atomic: every rank writes into ``iter_XXXXXXX.tmp/``; after a barrier rank 0 renames it to
 ``iter_XXXXXXX`` and only then rewrites ``latest`` (temp file + rename). A crash mid-save
-leaves only a ``.tmp`` directory, which loaders never look at and the next save removes.
+leaves only a ``.tmp`` directory, which loaders never look at and the next save removes; a save
+that fails (e.g. the disk fills: torch then reports "inline_container.cc:672 unexpected pos")
+removes it at once and raises a CheckpointError saying so, ``latest`` still naming the previous
+checkpoint.
 Because the weights are stored as global tensors with their sharding metadata, a
 checkpoint saved at one TP/PP/DP layout loads at any other.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -69,12 +73,65 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list, *,
 
     ``before_publish(tmp_dir)`` runs on every rank after the sharded write and before the
     rename, for per-rank files (e.g. RNG states) that must be part of the checkpoint.
+    A failed save leaves no ``.tmp`` directory; a full disk raises CheckpointError.
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(root)
     final = root / iter_name(iteration)
     tmp = root / (iter_name(iteration) + ".tmp")
+    try:
+        _save(root, final, tmp, iteration, chunks, model_config=model_config, layout=layout,
+              optimizer=optimizer, extra=extra, keep_last=keep_last,
+              before_publish=before_publish)
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _no_space(exc):
+            raise CheckpointError(
+                f"no space left on device while writing {tmp}: free space or change run_dir; "
+                f"{_previous(root, final)}") from exc
+        raise
+    return final
+
+
+# torch's zip writer loses the errno of a failed write: "[enforce fail at inline_container.cc:672]
+# . unexpected pos 704 vs 598" is what a full disk looks like through torch.save.
+_NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded", "unexpected pos")
+
+
+def _no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its causes, or a rank's failure inside a CheckpointException) is a
+    full disk / exceeded quota."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(e) for text in _NO_SPACE_TEXT):
+            return True
+        todo += [e.__cause__, e.__context__]
+        for failure in (getattr(e, "failures", None) or {}).values():  # rank -> (exc, traceback)
+            todo += [f for f in (failure if isinstance(failure, tuple) else (failure,))
+                     if isinstance(f, BaseException)]
+    return False
+
+
+def _previous(root: Path, final: Path) -> str:
+    latest = root / "latest"
+    name = latest.read_text().strip() if latest.is_file() else None
+    if name and name != final.name:
+        return f"the previous checkpoint {root / name} is intact ('latest' names it)"
+    if name:
+        return f"{root / name} ('latest') is unchanged"
+    return f"there is no earlier checkpoint in {root}"
+
+
+def _save(root: Path, final: Path, tmp: Path, iteration: int, chunks: list, *, model_config,
+          layout, optimizer, extra, keep_last, before_publish) -> None:
+    from megatron.core import dist_checkpointing
+
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -99,7 +156,6 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list, *,
         if keep_last:
             _prune(root, keep_last)
     _barrier()
-    return final
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -14,7 +14,9 @@ megasyne -> HF needs neither Megatron nor a process group: parameters are read o
 dist checkpoint one layer at a time and streamed into safetensors shards.
 
 Every input check happens before the first byte is written, and outputs appear atomically
-(written under ``.<name>.partial`` next to the target, then renamed).
+(written under ``.<name>.partial`` next to the target, then renamed); ``--overwrite`` replaces
+only what the converter writes, and an output overlapping an input is refused (see
+megasyne.checkpoint.convert_output).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from pathlib import Path
 
 import torch
 
+from megasyne.checkpoint.convert_output import (
+    CHECKPOINT_MARKER, HF_MARKER, check_output, owned_by_checkpoint_export, owned_by_hf_export,
+    partial_dir, publish,
+)
 from megasyne.checkpoint.hf import (
     TOKENIZER_FILES, HFCheckpoint, HFConversionError, SafetensorsStreamWriter, dist_key,
     dtype_name, full_name, hf_config_from_llama, hf_shapes, llama_config_from_hf, param_maps,
@@ -41,26 +47,8 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
 
 
-# --------------------------------------------------------------------------- outputs
-
-def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise HFConversionError(f"{output} already exists and is not empty "
-                                f"(choose another --output or pass --overwrite)")
-
-
-def _partial_dir(output: Path) -> Path:
-    return output.parent / f".{output.name}.partial"
-
-
-def _publish(partial: Path, output: Path) -> None:
-    """Move the finished ``partial`` directory to ``output`` (replacing an old one)."""
-    old = output.parent / f".{output.name}.old"
-    if output.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output, old)
-    os.replace(partial, output)
-    shutil.rmtree(old, ignore_errors=True)
+def _publish_checkpoint(partial: Path, output: Path) -> None:
+    publish(partial, output, marker=CHECKPOINT_MARKER, owns=owned_by_checkpoint_export)
 
 
 # --------------------------------------------------------------------------- HF -> megasyne
@@ -128,7 +116,7 @@ def hf_to_megasyne(hf_dir, output, *, tp: int = 1, pp: int = 1, dtype: torch.dty
     """
     output = Path(output).resolve()
     ckpt, cfg, dtype = inspect_hf(hf_dir, tp=tp, pp=pp, dtype=dtype)
-    check_output(output, overwrite)
+    check_output(output, overwrite, inputs=(hf_dir,))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world % (tp * pp):
         raise HFConversionError(f"layout tp={tp} x pp={pp} needs a multiple of {tp * pp} ranks, "
@@ -165,7 +153,7 @@ def _convert_streaming(ckpt, cfg, dtype, output: Path, progress: bool) -> Path:
             chunks = build_model(cfg, dims, runtime)
         state = model_sharded_state_dict(chunks)
         source = MegatronFromHF(ckpt, cfg, cfg.padded_vocab_size(1), dtype)
-        partial = _partial_dir(output)
+        partial = partial_dir(output)
         shutil.rmtree(partial, ignore_errors=True)
         final = partial / iter_name(0)
         (final / "dist").mkdir(parents=True)
@@ -180,7 +168,7 @@ def _convert_streaming(ckpt, cfg, dtype, output: Path, progress: bool) -> Path:
                         has_optimizer=False, extra=_manifest_extra(ckpt, dtype))
         (final / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         (partial / "latest").write_text(final.name + "\n")
-        _publish(partial, output)
+        _publish_checkpoint(partial, output)
     finally:
         if owned:
             destroy_parallel()
@@ -274,14 +262,14 @@ def _convert_parallel(ckpt, cfg, dtype, output: Path, dims: ParallelDims, progre
             param.copy_(piece)
             bar.update()
     source._last = None
-    partial = _partial_dir(output)
+    partial = partial_dir(output)
     if rank0:
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
     save_checkpoint(partial, 0, chunks, model_config=cfg.to_dict(), layout=dims.layout_dict(),
                     extra=_manifest_extra(ckpt, dtype))
     if rank0:
-        _publish(partial, output)
+        _publish_checkpoint(partial, output)
     dist.barrier()
     return output
 
@@ -466,13 +454,13 @@ def megasyne_to_hf(checkpoint, output, *, dtype: torch.dtype | None = None, toke
                            if (Path(tokenizer_dir) / f).is_file()]
         if not tokenizer_files:
             raise HFConversionError(f"--tokenizer-dir {tokenizer_dir}: none of {TOKENIZER_FILES}")
-    check_output(output, overwrite)
+    check_output(output, overwrite, inputs=(checkpoint, tokenizer_dir, hf_config))
 
     shapes = hf_shapes(cfg)
     shards = plan_shards([(n, shapes[n], dtype) for n in shapes], parse_size(max_shard_size))
     files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {e[0]: f for f, shard in zip(files, shards) for e in shard}
-    partial = _partial_dir(output)
+    partial = partial_dir(output)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
@@ -488,5 +476,5 @@ def megasyne_to_hf(checkpoint, output, *, dtype: torch.dtype | None = None, toke
         (partial / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for f in tokenizer_files:
         shutil.copy2(f, partial / f.name)
-    _publish(partial, output)
+    publish(partial, output, marker=HF_MARKER, owns=owned_by_hf_export)
     return output

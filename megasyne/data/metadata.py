@@ -173,13 +173,38 @@ def write_metadata_field(prefix: str | os.PathLike, name: str, values, descripti
         entry["categories"] = list(categories)
     with _locked(prefix):
         atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False))
-        manifest = _read_manifest(prefix)
-        manifest.update(num_documents=n, idx_fingerprint=fingerprint)
-        manifest.setdefault("fields", {})[name] = entry
-        manifest_path = os.path.join(meta_dir(prefix), MANIFEST)
-        atomic_write(manifest_path, lambda f: f.write(
-            (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()))
+        _update_manifest(prefix, n, fingerprint, {name: entry})
     return path
+
+
+def _update_manifest(prefix, num_documents: int, fingerprint: str, fields: dict) -> None:
+    """Add or replace ``fields`` in the manifest (call under ``_locked(prefix)``)."""
+    manifest = _read_manifest(prefix)
+    manifest.update(num_documents=num_documents, idx_fingerprint=fingerprint)
+    manifest.setdefault("fields", {}).update(fields)
+    manifest_path = os.path.join(meta_dir(prefix), MANIFEST)
+    atomic_write(manifest_path, lambda f: f.write(
+        (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def move_metadata_fields(src_prefix: str | os.PathLike, dst_prefix: str | os.PathLike) -> list[str]:
+    """Move every field of ``src_prefix``'s sidecar into ``dst_prefix``'s; returns their names.
+
+    For publishing a dataset that was written, sidecar included, under a temporary prefix
+    (megasyne.data.staging). A field keeps the fingerprint it was written with; the fingerprint
+    depends only on the dataset's content, so the field is current once the dataset itself is
+    at ``dst_prefix``. Renames only (same filesystem); ``dst_prefix``'s manifest is merged under
+    its lock, and its other fields are kept.
+    """
+    src = _read_manifest(src_prefix)
+    fields = src.get("fields", {})
+    if not fields:
+        return []
+    with _locked(dst_prefix):
+        for name in fields:
+            os.replace(_field_path(src_prefix, name), _field_path(dst_prefix, name))
+        _update_manifest(dst_prefix, src["num_documents"], src["idx_fingerprint"], fields)
+    return sorted(fields)
 
 
 def metadata_field_info(prefix: str | os.PathLike, name: str) -> dict:
@@ -239,5 +264,5 @@ def stale_metadata_fields(prefix: str | os.PathLike) -> list[str]:
 
 __all__ = [
     "MetadataError", "list_metadata_fields", "meta_dir", "metadata_field_info",
-    "read_metadata_field", "stale_metadata_fields", "write_metadata_field",
+    "move_metadata_fields", "read_metadata_field", "stale_metadata_fields", "write_metadata_field",
 ]

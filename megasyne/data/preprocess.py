@@ -6,54 +6,81 @@ One dataset per JSON key, named as Megatron's ``tools/preprocess_data.py`` does:
 Pipeline (memory bounded, independent of corpus size)::
 
     main process: read lines (.jsonl, .gz, .zst, .bz2, .xz) or Parquet rows, in input order
+        (megasyne.data.corpus_reader)
         -> batches of <= batch_size records (one file per batch)
-        -> workers (multiprocessing, each with its own tokenizer): JSON parse + encode
-           -> per key: flat token array + lengths [records] (0 = empty or bad record)
+        -> workers (processes, each with its own tokenizer; megasyne.data.preprocess_pool):
+           JSON parse + encode -> per key: flat token array + lengths [records] (0 = empty or bad)
         -> main, strictly in submission order: bad-record policy, then writer.add_documents
     At most 4 x workers batches are in flight: ``Pool.imap`` (Megatron's choice) has no such bound,
     its feeder thread reads the whole input ahead of slow workers.
 
+Outputs are complete or absent. Everything is written under a staging directory beside the
+outputs; only when every dataset of the run is complete (``.bin``, ``.idx``, sidecar, report) are
+they published by renames, each dataset's ``.idx`` last: ``<prefix>.idx`` is the commit marker, a
+present ``.idx`` means the whole dataset is there. Leftovers of a killed run on the same output
+prefix are removed by the next run on it. See megasyne.data.staging.
+
 Failure policy: a line that is not JSON, not an object, lacks a key, or has a non-string text /
 non-scalar metadata value is *bad*. By default the first bad line aborts the run with
-``<file>:<line>: <why>`` and nothing is published (writers are atomic). With ``skip_bad_lines`` bad
-lines are dropped from every key's dataset, counted and listed (first 20) in the report. Documents
-with no tokens are counted as ``empty`` and never written (per key). Blank lines are ignored.
+``<file>:<line>: <why>`` and nothing is published. With ``skip_bad_lines`` bad lines are dropped
+from every key's dataset, counted and listed (first 20) in the report. A truncated or corrupt
+compressed file is not a bad line: it fails the run naming the file, with or without
+``skip_bad_lines``. Documents with no tokens are counted as ``empty`` and never written (per key).
+Blank lines are ignored. A tokenizer worker that dies (e.g. SIGKILL from the out-of-memory killer)
+fails the run at once, naming the process and the signal; a full disk fails it with "no space left
+on device" and the directory. In every failure nothing is published and the run's temporary files
+are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import gc
-import glob
-import gzip
-import io
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from megasyne.data.indexed_dataset import IndexedDatasetWriter, best_token_dtype, idx_fingerprint
+from megasyne.atomic import atomic_write_json
+from megasyne.data import staging
+from megasyne.data.corpus_reader import (
+    PreprocessError,
+    batches,
+    expand_inputs,
+    is_parquet,
+)
+from megasyne.data.indexed_dataset import (
+    IndexedDatasetWriter,
+    best_token_dtype,
+    idx_fingerprint,
+)
 from megasyne.data.metadata import FIELD_NAME_RE as _FIELD_NAME
 from megasyne.data.metadata import write_metadata_field
+from megasyne.data.preprocess_pool import (
+    WorkerDied,
+    WorkerFailed,
+    WorkerPool,
+    describe_exit,
+)
 from megasyne.data.tokenizers import load_tokenizer
 from megasyne.errors import DataError
 
 _MAX_BAD_EXAMPLES = 20
 _META_CHUNK = 1 << 16
-_BATCH_BYTES = 4 << 20
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
-
-class PreprocessError(DataError, RuntimeError):
-    """The run cannot proceed (bad input line, missing file, ...); the message names file and line."""
+__all__ = ["PreprocessConfig", "PreprocessError", "dataset_prefix", "expand_inputs",
+           "run_preprocess"]
 
 
 @dataclass(kw_only=True)
@@ -88,92 +115,6 @@ class PreprocessConfig:
 
 def dataset_prefix(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
-
-
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files from paths, globs (sorted) and directories (sorted, non-hidden files), de-duplicated."""
-    out: list[str] = []
-    for pat in patterns:
-        if os.path.isdir(pat):
-            found = sorted(os.path.join(pat, f) for f in os.listdir(pat)
-                           if not f.startswith(".") and os.path.isfile(os.path.join(pat, f)))
-        elif os.path.isfile(pat):
-            found = [pat]
-        else:
-            found = sorted(p for p in glob.glob(pat, recursive=True) if os.path.isfile(p))
-        if not found:
-            raise PreprocessError(f"--input {pat}: no such file, or no file matches")
-        out.extend(p for p in found if p not in out)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-def _open_decompressed(path: str):
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic[:2] == b"\x1f\x8b":
-        return gzip.open(path, "rb")
-    if magic[:4] == b"\x28\xb5\x2f\xfd":
-        try:
-            import zstandard
-        except ImportError:
-            raise PreprocessError(f"{path}: zstd-compressed, but the 'zstandard' package is not "
-                                  "installed (pip install zstandard)") from None
-        raw = open(path, "rb")
-        reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
-            raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    if magic[:3] == b"BZh":
-        import bz2
-        return bz2.open(path, "rb")
-    if magic == b"\xfd7zXZ\x00":
-        import lzma
-        return lzma.open(path, "rb")
-    return open(path, "rb", buffering=1 << 20)
-
-
-def _is_parquet(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"PAR1"
-
-
-def _iter_records(path: str, columns: list[str], counts: dict):
-    """(location number, payload): raw JSON bytes by line number, or Parquet row dicts by row."""
-    if _is_parquet(path):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise PreprocessError(f"{path}: Parquet input needs the 'pyarrow' package") from None
-        pf = pq.ParquetFile(path)
-        present = [c for c in columns if c in pf.schema_arrow.names]
-        row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=present):
-            for rec in batch.to_pylist():  # a missing column becomes a missing key, per row
-                row += 1
-                yield row, rec
-        return
-    with _open_decompressed(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.isspace():
-                counts["blank_lines"] += 1
-                continue
-            yield lineno, line
-
-
-def _batches(files: list[str], columns: list[str], batch_size: int, counts: dict):
-    """(file index, line numbers, payloads) with <= batch_size records of one file each."""
-    for fi, path in enumerate(files):
-        nums, payloads, nbytes = [], [], 0
-        for num, payload in _iter_records(path, columns, counts):
-            nums.append(num)
-            payloads.append(payload)
-            nbytes += len(payload) if isinstance(payload, bytes) else 0
-            if len(payloads) >= batch_size or nbytes >= _BATCH_BYTES:
-                yield fi, nums, payloads
-                nums, payloads, nbytes = [], [], 0
-        if payloads:
-            yield fi, nums, payloads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,11 +271,12 @@ class _MetaColumn:
 
 
 # ---------------------------------------------------------------------------------------------
-def _results(cfg: PreprocessConfig, spec: dict, tok, batches):
+# Tokenising: batches through the workers, in input order
+def _results(cfg: PreprocessConfig, spec: dict, tok, todo, files: list[str]):
     """Encoded batches in input order, with at most 4 x workers batches in flight."""
     if cfg.workers == 1:
         _W.update(spec, tok=tok)
-        for fi, nums, payloads in batches:
+        for fi, nums, payloads in todo:
             yield fi, nums, _encode_batch(payloads)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
@@ -343,30 +285,156 @@ def _results(cfg: PreprocessConfig, spec: dict, tok, batches):
     # heap, once per process (measured: +100 MB each, mid-run). Frozen objects are never scanned.
     gc.collect()
     gc.freeze()
-    pool = mp.get_context(method).Pool(cfg.workers, initializer=_init_worker, initargs=(spec,))
     try:
-        inflight: deque = deque()
-        for fi, nums, payloads in batches:
-            inflight.append((fi, nums, pool.apply_async(_encode_batch, (payloads,))))
-            if len(inflight) >= 4 * cfg.workers:
-                fi_, nums_, ar = inflight.popleft()
-                yield fi_, nums_, ar.get()
-        while inflight:
-            fi_, nums_, ar = inflight.popleft()
-            yield fi_, nums_, ar.get()
-        pool.close()
+        with WorkerPool(cfg.workers, _init_worker, _encode_batch, spec,
+                        start_method=method) as pool:
+            inflight: deque = deque()  # (batch number, file index, line numbers)
+            for n, (fi, nums, payloads) in enumerate(todo):
+                pool.submit(n, payloads)
+                inflight.append((n, fi, nums))
+                if len(inflight) >= 4 * cfg.workers:
+                    yield _collect(cfg, pool, inflight, files)
+            while inflight:
+                yield _collect(cfg, pool, inflight, files)
     finally:
-        pool.terminate()
-        pool.join()
         gc.unfreeze()
+
+
+def _collect(cfg: PreprocessConfig, pool: WorkerPool, inflight: deque, files: list[str]):
+    n, fi, nums = inflight[0]
+    try:
+        result = pool.result(n)
+    except WorkerDied as exc:
+        raise PreprocessError(_worker_died_message(cfg, exc, inflight, files)) from None
+    except WorkerFailed as exc:
+        raise PreprocessError(f"{files[fi]}: tokenizer {exc}") from None
+    inflight.popleft()
+    return fi, nums, result
+
+
+def _worker_died_message(cfg: PreprocessConfig, exc: WorkerDied, inflight, files) -> str:
+    lost = [(fi, nums) for n, fi, nums in inflight if n in exc.lost]
+    where = ""
+    if lost:
+        fi, nums = lost[0]
+        where = f" while tokenising {_loc(files[fi], nums[0], is_parquet(files[fi]))} onwards"
+    if exc.exitcode == -signal.SIGKILL:
+        hint = ("SIGKILL is what the kernel's out-of-memory killer sends (see dmesg or the job's "
+                f"memory limit): rerun with fewer --workers (this run: {cfg.workers}) or a smaller "
+                f"--batch-size (this run: {cfg.batch_size}), or give the job more memory")
+    else:
+        hint = "rerun; if it happens again, rerun with --workers 1 to see the error in the main process"
+    return (f"tokenizer worker process {exc.pid} {describe_exit(exc.exitcode)}{where}; {hint}. "
+            "Nothing was published.")
 
 
 def _loc(path: str, num: int, parquet: bool) -> str:
     return f"{path}: row {num}" if parquet else f"{path}:{num}"
 
 
+# ---------------------------------------------------------------------------------------------
+# Writing: counts, the bad-record policy, the datasets and their metadata columns
+@dataclass
+class _Tally:
+    keys: int
+    files: int
+    docs: list = field(init=False)
+    tokens: list = field(init=False)
+    empty: list = field(init=False)
+    records: list = field(init=False)
+    skipped: int = 0
+    bad_examples: list = field(default_factory=list)
+    counts: dict = field(default_factory=lambda: {"blank_lines": 0})
+
+    def __post_init__(self) -> None:
+        self.docs, self.tokens, self.empty = [0] * self.keys, [0] * self.keys, [0] * self.keys
+        self.records = [0] * self.files
+
+
+def _bad_rows(cfg: PreprocessConfig, result, columns) -> list[tuple[int, str]]:
+    """The batch's bad records; a metadata value whose type (number vs string) differs from the
+    first one seen is bad too, and is dropped from the result here."""
+    bad, _, _, meta = result
+    rows = list(bad)
+    if not cfg.metadata_keys:
+        return rows
+    col0 = columns[0]
+    for r, vals in enumerate(meta):
+        if vals is None:
+            continue
+        for mi, v in enumerate(vals):
+            c = col0[mi]
+            if c.kind is None:
+                for cols in columns:
+                    cols[mi].kind = c.kind_of(v)
+            elif c.kind_of(v) != c.kind:
+                rows.append((r, f"metadata key {cfg.metadata_keys[mi]!r} is a {c.kind_of(v)}, "
+                                f"earlier values were {c.kind}s"))
+                _drop_record(result, r)
+                break
+    return rows
+
+
+def _write_batch(cfg: PreprocessConfig, path: str, parquet: bool, nums, result, writers, columns,
+                 tally: _Tally) -> None:
+    _, lengths, flats, meta = result
+    bad_rows = _bad_rows(cfg, result, columns)
+    for r, why in sorted(bad_rows):
+        where = _loc(path, nums[r], parquet)
+        if not cfg.skip_bad_lines:
+            raise PreprocessError(f"{where}: {why} (use --skip-bad-lines to skip bad lines)")
+        tally.skipped += 1
+        if len(tally.bad_examples) < _MAX_BAD_EXAMPLES:
+            tally.bad_examples.append(f"{where}: {why}")
+            print(f"[preprocess] skipping {where}: {why}", file=sys.stderr)
+    for ki in range(len(writers)):
+        keep = lengths[ki] > 0
+        writers[ki].add_documents(flats[ki], lengths[ki][keep])
+        tally.docs[ki] += int(keep.sum())
+        tally.tokens[ki] += int(flats[ki].size)
+        tally.empty[ki] += len(nums) - len(bad_rows) - int(keep.sum())
+        for r in np.flatnonzero(keep) if cfg.metadata_keys else ():
+            for mi, v in enumerate(meta[r]):
+                columns[ki][mi].append(v)
+
+
+def _tokenise(cfg, spec, tok, files, writers, columns, tally: _Tally) -> None:
+    """Read, encode and write every record of every file into the (staged) writers."""
+    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    t0, next_log = time.time(), cfg.log_interval
+    parquet = [is_parquet(p) for p in files]
+    with contextlib.ExitStack() as stack:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = stack.enter_context(tqdm(unit="doc", unit_scale=True, dynamic_ncols=True,
+                                           desc="preprocess"))
+        todo = batches(files, list(cfg.json_keys) + list(cfg.metadata_keys), cfg.batch_size,
+                       tally.counts)
+        results = _results(cfg, spec, tok, todo, files)
+        stack.callback(results.close)  # stops the workers on any error
+        for fi, nums, result in results:
+            tally.records[fi] += len(nums)
+            _write_batch(cfg, files[fi], parquet[fi], nums, result, writers, columns, tally)
+            if bar is not None:
+                bar.update(len(nums))
+                rate = tally.tokens[0] / max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            if cfg.log_interval and tally.docs[0] >= next_log:
+                dt = max(time.time() - t0, 1e-9)
+                print(f"[preprocess] {tally.docs[0]:,} docs, {tally.tokens[0]:,} tokens, "
+                      f"{tally.docs[0] / dt:,.0f} docs/s, {tally.tokens[0] / dt:,.0f} tokens/s",
+                      file=sys.stderr)
+                next_log = (tally.docs[0] // cfg.log_interval + 1) * cfg.log_interval
+
+
+# ---------------------------------------------------------------------------------------------
 def run_preprocess(cfg: PreprocessConfig) -> dict:
-    """Run the whole pipeline; returns {key: report dict}. Raises PreprocessError on bad input."""
+    """Run the whole pipeline; returns {key: report dict}.
+
+    Raises PreprocessError (bad input, a dead worker, a full disk, a busy output prefix); then
+    nothing is published and the run's temporary files are gone.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
     files = expand_inputs(cfg.inputs)
     tok = load_tokenizer(cfg.tokenizer, kind=cfg.tokenizer_kind)
@@ -375,111 +443,78 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
                               "token")
     if cfg.prepend_bos and tok.bos_id is None:
         raise PreprocessError(f"{tok.path}: --prepend-bos, but the tokenizer has no BOS token")
+    prefixes = [dataset_prefix(cfg.output_prefix, k) for k in cfg.json_keys]
+    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with staging.output_lock(cfg.output_prefix):
+            for path in staging.remove_leftovers(cfg.output_prefix, prefixes):
+                print(f"[preprocess] removed {path}: left by an interrupted run on this output "
+                      "prefix", file=sys.stderr)
+            stage = staging.make_stage(cfg.output_prefix)
+            try:
+                return _run_staged(cfg, files, tok, prefixes, stage)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+    except staging.StagingError as exc:
+        raise PreprocessError(str(exc)) from None
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        raise PreprocessError(
+            f"no space left on device while writing {', '.join(prefixes)} (in {out_dir}): free "
+            "space on that filesystem, or choose an --output-prefix on a larger one, and rerun; "
+            "nothing was published and this run's temporary files were removed") from exc
+
+
+def _run_staged(cfg: PreprocessConfig, files: list[str], tok, prefixes: list[str],
+                stage: str) -> dict:
+    """Write every dataset completely inside ``stage``, then publish them all."""
     dtype = best_token_dtype(tok.vocab_size)
     spec = dict(path=tok.path, kind=tok.kind, eod_id=tok.eod_id, bos_id=tok.bos_id,
                 json_keys=list(cfg.json_keys), metadata_keys=list(cfg.metadata_keys),
                 append_eod=cfg.append_eod, prepend_bos=cfg.prepend_bos, dtype=dtype)
-    parquet = [_is_parquet(p) for p in files]
-    counts = {"blank_lines": 0}
-    keys, mkeys = cfg.json_keys, cfg.metadata_keys
-    prefixes = [dataset_prefix(cfg.output_prefix, k) for k in keys]
-    docs, toks, empty = [0] * len(keys), [0] * len(keys), [0] * len(keys)
-    records = [0] * len(files)
-    skipped, bad_examples = 0, []
-    progress = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    keys = cfg.json_keys
+    staged = [staging.staged_prefix(stage, p) for p in prefixes]
+    spill = os.path.join(stage, "spill")
+    os.mkdir(spill)
+    tally = _Tally(keys=len(keys), files=len(files))
     t0 = time.time()
-    next_log = cfg.log_interval
-    out_dir = os.path.dirname(os.path.abspath(cfg.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
-    spill = tempfile.mkdtemp(prefix=".preprocess-spill-", dir=out_dir)
-    try:
-        with contextlib.ExitStack() as stack:
-            writers = [stack.enter_context(IndexedDatasetWriter(p, dtype)) for p in prefixes]
-            columns = [[_MetaColumn(f"{ki}.{m}", spill) for m in mkeys] for ki in range(len(keys))]
-            bar = None
-            if progress:
-                from tqdm import tqdm
-                bar = stack.enter_context(tqdm(unit="doc", unit_scale=True, dynamic_ncols=True,
-                                               desc="preprocess"))
-            batches = _batches(files, list(keys) + list(mkeys), cfg.batch_size, counts)
-            results = _results(cfg, spec, tok, batches)
-            stack.callback(results.close)  # stops the pool before the writers abort
-            for fi, nums, result in results:
-                bad, lengths, flats, meta = result
-                records[fi] += len(nums)
-                bad_rows = [(r, why) for r, why in bad]
-                if mkeys:  # a value whose type (number vs string) differs from the first one is bad
-                    col0 = columns[0]
-                    for r, vals in enumerate(meta):
-                        if vals is None:
-                            continue
-                        for mi, v in enumerate(vals):
-                            c = col0[mi]
-                            if c.kind is None:
-                                for cols in columns:
-                                    cols[mi].kind = c.kind_of(v)
-                            elif c.kind_of(v) != c.kind:
-                                bad_rows.append((r, f"metadata key {mkeys[mi]!r} is a "
-                                                 f"{c.kind_of(v)}, earlier values were {c.kind}s"))
-                                _drop_record(result, r)
-                                break
-                for r, why in sorted(bad_rows):
-                    where = _loc(files[fi], nums[r], parquet[fi])
-                    if not cfg.skip_bad_lines:
-                        raise PreprocessError(f"{where}: {why} (use --skip-bad-lines to skip bad "
-                                              "lines)")
-                    skipped += 1
-                    if len(bad_examples) < _MAX_BAD_EXAMPLES:
-                        bad_examples.append(f"{where}: {why}")
-                        print(f"[preprocess] skipping {where}: {why}", file=sys.stderr)
-                n_bad = len(bad_rows)
-                for ki in range(len(keys)):
-                    keep = lengths[ki] > 0
-                    writers[ki].add_documents(flats[ki], lengths[ki][keep])
-                    docs[ki] += int(keep.sum())
-                    toks[ki] += int(flats[ki].size)
-                    empty[ki] += len(nums) - n_bad - int(keep.sum())
-                    for r in np.flatnonzero(keep) if mkeys else ():
-                        for mi, v in enumerate(meta[r]):
-                            columns[ki][mi].append(v)
-                if bar is not None:
-                    bar.update(len(nums))
-                    rate = toks[0] / max(time.time() - t0, 1e-9)
-                    bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-                if cfg.log_interval and docs[0] >= next_log:
-                    dt = max(time.time() - t0, 1e-9)
-                    print(f"[preprocess] {docs[0]:,} docs, {toks[0]:,} tokens, "
-                          f"{docs[0] / dt:,.0f} docs/s, {toks[0] / dt:,.0f} tokens/s",
-                          file=sys.stderr)
-                    next_log = (docs[0] // cfg.log_interval + 1) * cfg.log_interval
-            for w in writers:
-                w.finalize()
-        elapsed = time.time() - t0
-        reports = {}
-        for ki, key in enumerate(keys):
-            fields = {}
-            for mi, m in enumerate(mkeys):
-                values, cats = columns[ki][mi].finish()
-                write_metadata_field(prefixes[ki], m, values, description=f"JSON key {m!r} of the "
-                                     "input, copied by preprocess_data.py", categories=cats,
-                                     written_by="tools/preprocess_data.py")
-                fields[m] = {"dtype": values.dtype.name, "categories": len(cats) if cats else None}
-                del values
-            reports[key] = _write_report(cfg, prefixes[ki], key, tok, dtype, files, records, dict(
-                docs=docs[ki], tokens=toks[ki], skipped=skipped, empty=empty[ki],
-                blank_lines=counts["blank_lines"], bad_examples=bad_examples, metadata=fields,
-                elapsed_s=round(elapsed, 3)))
-            if empty[ki]:
-                print(f"[preprocess] {key}: {empty[ki]} empty documents (no tokens) dropped",
-                      file=sys.stderr)
-        if skipped:
-            print(f"[preprocess] skipped {skipped} bad lines", file=sys.stderr)
-        return reports
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
+    columns = [[_MetaColumn(f"{ki}.{m}", spill) for m in cfg.metadata_keys]
+               for ki in range(len(keys))]
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(IndexedDatasetWriter(p, dtype)) for p in staged]
+        _tokenise(cfg, spec, tok, files, writers, columns, tally)
+        for w in writers:
+            w.finalize()
+    elapsed = time.time() - t0
+    reports = {}
+    for ki, key in enumerate(keys):
+        fields = {}
+        for mi, m in enumerate(cfg.metadata_keys):
+            values, cats = columns[ki][mi].finish()
+            write_metadata_field(staged[ki], m, values, description=f"JSON key {m!r} of the "
+                                 "input, copied by preprocess_data.py", categories=cats,
+                                 written_by="tools/preprocess_data.py")
+            fields[m] = {"dtype": values.dtype.name, "categories": len(cats) if cats else None}
+            del values
+        reports[key] = _write_report(cfg, staged[ki], prefixes[ki], key, tok, dtype, files,
+                                     tally.records, dict(
+            docs=tally.docs[ki], tokens=tally.tokens[ki], skipped=tally.skipped,
+            empty=tally.empty[ki], blank_lines=tally.counts["blank_lines"],
+            bad_examples=tally.bad_examples, metadata=fields, elapsed_s=round(elapsed, 3)))
+    for s, p in zip(staged, prefixes):  # every dataset is complete: only renames from here on
+        staging.publish(s, p)
+    for ki, key in enumerate(keys):
+        if tally.empty[ki]:
+            print(f"[preprocess] {key}: {tally.empty[ki]} empty documents (no tokens) dropped",
+                  file=sys.stderr)
+    if tally.skipped:
+        print(f"[preprocess] skipped {tally.skipped} bad lines", file=sys.stderr)
+    return reports
 
 
-def _write_report(cfg, prefix, key, tok, dtype, files, records, stats) -> dict:
+def _write_report(cfg, staged, prefix, key, tok, dtype, files, records, stats) -> dict:
     el = max(stats["elapsed_s"], 1e-9)
     report = {
         "dataset": prefix, "key": key, **stats,
@@ -487,13 +522,9 @@ def _write_report(cfg, prefix, key, tok, dtype, files, records, stats) -> dict:
         "inputs": [{"path": os.path.abspath(p), "records": n} for p, n in zip(files, records)],
         "tokenizer": tok.describe(), "dtype": np.dtype(dtype).name,
         "append_eod": cfg.append_eod, "prepend_bos": cfg.prepend_bos, "workers": cfg.workers,
-        "idx_fingerprint": idx_fingerprint(prefix),
+        # the fingerprint hashes the content only: the staged files' is the published ones'
+        "idx_fingerprint": idx_fingerprint(staged),
         "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    path = prefix + ".report.json"
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(staging.report_path(staged), report, indent=2)
     return report

@@ -89,20 +89,23 @@ class ParallelDims:
                            num_query_groups: int, ffn_hidden_size: int,
                            micro_batches: int | None = None) -> None:
         """Checks that depend on the model's shape; raise with what to change."""
+        # The hint lists only degrees that pass all three TP checks below.
+        fits = [d for d in _divisors(num_attention_heads)
+                if num_query_groups % d == 0 and ffn_hidden_size % d == 0]
         if num_attention_heads % self.tp:
             raise ParallelConfigError(
                 f"{num_attention_heads} attention heads are not divisible by tp={self.tp}: "
-                f"choose tp among {_divisors(num_attention_heads)}"
+                f"choose tp among {fits}"
             )
         if num_query_groups % self.tp:
             raise ParallelConfigError(
                 f"{num_query_groups} KV (query) groups are not divisible by tp={self.tp}: "
-                f"Megatron-Core splits whole GQA groups over TP, choose tp among "
-                f"{_divisors(num_query_groups)}"
+                f"Megatron-Core splits whole GQA groups over TP, choose tp among {fits}"
             )
         if ffn_hidden_size % self.tp:
             raise ParallelConfigError(
-                f"ffn_hidden_size {ffn_hidden_size} is not divisible by tp={self.tp}"
+                f"ffn_hidden_size {ffn_hidden_size} is not divisible by tp={self.tp}: "
+                f"choose tp among {fits}"
             )
         stages = self.pp * self.model_chunks
         if num_layers % stages:
