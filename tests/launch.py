@@ -26,8 +26,9 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: float = 60
     """Launch ``script`` on ``nproc`` local ranks; raise with the full log on failure."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={nproc}", "--nnodes=1",
-        f"--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        # --standalone: the rendezvous store binds port 0 and tells the ranks which port the
+        # OS gave it; a port picked "free" beforehand raced with other processes (EADDRINUSE).
+        "--standalone", f"--nproc_per_node={nproc}",
         str(script), *map(str, args),
     ]
     full_env = dict(os.environ)

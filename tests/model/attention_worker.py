@@ -1,8 +1,6 @@
 """SDPA core attention vs Megatron's DotProductAttention on the same weights (1 process)."""
 
 import json
-import os
-import sys
 
 import megasyne  # noqa: F401
 import torch
@@ -13,7 +11,6 @@ from megasyne.model.presets import tiny_debug, tiny_debug_mha
 from megasyne.parallel.dims import ParallelDims
 from megasyne.parallel.init import init_parallel
 
-os.environ.setdefault("MASTER_PORT", sys.argv[1])
 dims = ParallelDims(world_size=1)
 init_parallel(dims, seed=0)
 result = {}

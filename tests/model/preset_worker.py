@@ -4,8 +4,6 @@ Run as a plain process (RANK/WORLD_SIZE unset -> world size 1, gloo).
 """
 
 import json
-import os
-import sys
 
 import megasyne  # noqa: F401
 import torch
@@ -15,7 +13,6 @@ from megasyne.model.presets import PRESETS
 from megasyne.parallel.dims import ParallelDims
 from megasyne.parallel.init import init_parallel
 
-os.environ.setdefault("MASTER_PORT", sys.argv[1] if len(sys.argv) > 1 else "29631")
 dims = ParallelDims(world_size=1)
 init_parallel(dims)
 counts = {}

@@ -4,11 +4,11 @@ import json
 import subprocess
 import sys
 
-from tests.launch import REPO_ROOT, free_port
+from tests.launch import REPO_ROOT
 
 
 def test_sdpa_matches_megatron_dot_product_attention():
-    proc = subprocess.run([sys.executable, "tests/model/attention_worker.py", str(free_port())],
+    proc = subprocess.run([sys.executable, "tests/model/attention_worker.py"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     result = json.loads(next(l for l in proc.stdout.splitlines()

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from megasyne.model.config import LlamaConfig, ModelConfigError, RopeScaling
+from megasyne.model.config import ModelConfigError, RopeScaling
 from megasyne.model.presets import PRESETS, get_preset, llama3_1_8b, llama3_8b, tinyllama_1_1b
-from tests.launch import REPO_ROOT, free_port
+from tests.launch import REPO_ROOT
 
 # Published sizes: Meta's model cards (8.03B, 70.6B) and TinyLlama's paper (1.1B).
 PUBLISHED = {"llama3_8b": 8.03e9, "llama3_1_8b": 8.03e9, "llama3_70b": 70.6e9,
@@ -17,7 +17,7 @@ PUBLISHED = {"llama3_8b": 8.03e9, "llama3_1_8b": 8.03e9, "llama3_70b": 70.6e9,
 
 @pytest.fixture(scope="module")
 def built_counts():
-    proc = subprocess.run([sys.executable, "tests/model/preset_worker.py", str(free_port())],
+    proc = subprocess.run([sys.executable, "tests/model/preset_worker.py"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith("COUNTS "))

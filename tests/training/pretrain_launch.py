@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.launch import REPO_ROOT, free_port
+from tests.launch import REPO_ROOT
 
 CORPUS = REPO_ROOT / "examples" / "tiny" / "data"
 SOURCES = ("en_drama", "en_verse", "zh_poetry")
@@ -66,8 +66,8 @@ def launch(root: Path, run: str, *overrides: str, kill_at_step: int | None = Non
            config: str = "base.yaml"):
     """Run pretrain_syne.py on 2 ranks; with kill_at_step, SIGKILL the whole job as soon as
     metrics.jsonl shows that step (the launcher and both ranks, like a lost node)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "pretrain_syne.py",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "pretrain_syne.py",
            "--config", str(root / config), "--set", f"run_dir={root / run}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
