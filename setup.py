@@ -66,6 +66,7 @@ setup(
         "pyyaml",
         "tqdm",
         "psutil",
+        "xxhash",
         "safetensors",
         "tokenizers",
         "sentencepiece",

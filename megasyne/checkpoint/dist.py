@@ -7,7 +7,8 @@ Layout of a checkpoint root (a run's ``checkpoints/`` or a converted model)::
                                   model weights as global tensors, optimizer state if saved
         megasyne.json             manifest: format, iteration, model config, the layout it
                                   was saved from, whether optimizer state is inside, extras
-                                  (schedule, data cursor, RNG, metrics)
+                                  (schedule, data identity and cursors, hooks' state), and
+                                  every file's size and xxh3_64 checksum
     <root>/latest                 text: the name of the newest complete checkpoint
 
 Atomic: every rank writes into ``iter_XXXXXXX.tmp/``; after a barrier rank 0 renames it to
@@ -16,6 +17,9 @@ leaves only a ``.tmp`` directory, which loaders never look at and the next save 
 that fails (e.g. the disk fills: torch then reports "inline_container.cc:672 unexpected pos")
 removes it at once and raises a CheckpointError saying so, ``latest`` still naming the previous
 checkpoint.
+Integrity: the checksums are computed (each file by one rank) before the rename and checked
+before every load (``megasyne.checkpoint.integrity``); a damaged checkpoint is named with its
+files, and a run's resume falls back to the previous complete one (:func:`resume_candidates`).
 Because the weights are stored as global tensors with their sharding metadata, a
 checkpoint saved at one TP/PP/DP layout loads at any other.
 """
@@ -32,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from megasyne.atomic import atomic_write_text
+from megasyne.checkpoint.integrity import digest_checkpoint, verify_checkpoint_files
 from megasyne.checkpoint.sharding import unwrap
 from megasyne.errors import CheckpointError  # (also imported from here by its callers)
 
@@ -145,17 +150,32 @@ def _save(root: Path, final: Path, tmp: Path, iteration: int, chunks: list, *, m
     if before_publish is not None:
         before_publish(tmp)
     _barrier()
+    files = digest_checkpoint(tmp, exclude=(MANIFEST,))  # every file's size and checksum
+    failure = [None]
     if _rank() == 0:
-        manifest = dict(format=FORMAT, iteration=iteration, model=model_config, layout=layout,
-                        has_optimizer=optimizer is not None, extra=extra or {})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if final.exists():  # re-saving the same iteration replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(root / "latest", final.name + "\n")
-        if keep_last:
-            _prune(root, keep_last)
-    _barrier()
+        try:
+            manifest = dict(format=FORMAT, iteration=iteration, model=model_config,
+                            layout=layout, has_optimizer=optimizer is not None,
+                            extra=extra or {}, files=files)
+            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+            if final.exists():  # re-saving the same iteration replaces it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_text(root / "latest", final.name + "\n")
+            if keep_last:
+                _prune(root, keep_last)
+        except BaseException as exc:
+            failure = [f"{type(exc).__name__}: {exc}"]
+            _share_status(failure)
+            raise
+    _share_status(failure)  # the other ranks learn rank 0's outcome instead of hanging
+    if failure[0] is not None:
+        raise CheckpointError(f"publishing {final} failed on rank 0: {failure[0]}")
+
+
+def _share_status(status: list) -> None:
+    if dist.is_initialized():
+        dist.broadcast_object_list(status, src=0)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -180,17 +200,65 @@ def resolve(path: str | os.PathLike) -> Path:
     raise CheckpointError(f"no megasyne checkpoint at {path}: expected {MANIFEST} or a 'latest' file")
 
 
-def find_latest(root: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None (for auto-resume)."""
-    try:
-        return resolve(root)
-    except CheckpointError:
-        return None
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Every published checkpoint (``iter_*`` with a manifest) under ``root``, newest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                   and (p / MANIFEST).is_file()), reverse=True)
+
+
+def resume_candidates(root: str | os.PathLike, *, warn=print) -> list[Path]:
+    """The checkpoints a resume tries, in order: the one ``latest`` names, then every older
+    complete one. A missing or dangling ``latest`` falls back to the newest complete checkpoint
+    (with a warning): losing the pointer never restarts a run from scratch."""
+    root = Path(root)
+    complete = complete_checkpoints(root)
+    latest = root / "latest"
+    if not complete:
+        return []
+    if not latest.is_file():
+        warn(f"warning: {latest} is missing; resuming from the newest complete checkpoint, "
+             f"{complete[0]}")
+        return complete
+    target = root / latest.read_text().strip()
+    if target not in complete:
+        warn(f"warning: {latest} names {target.name}, which is not a complete checkpoint; "
+             f"resuming from the newest complete one, {complete[0]}")
+        return complete
+    newer = [p.name for p in complete if p.name > target.name]
+    if newer:
+        warn(f"warning: {latest} names {target.name} but {newer} are newer and complete; "
+             f"resuming from {target.name} as 'latest' says (point it at another to change that)")
+    return [p for p in complete if p.name <= target.name]
+
+
+class CheckpointCorruptError(CheckpointError):
+    """A checkpoint whose files do not match the sizes and checksums its manifest recorded."""
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Collective: every file against the manifest's size and checksum (checkpoints saved before
+    checksums were recorded pass unchecked); raises CheckpointCorruptError naming the files."""
+    ckpt = resolve(path)
+    expected = read_manifest(ckpt).get("files")
+    if not expected:
+        return
+    problems = verify_checkpoint_files(ckpt, expected)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                            if len(problems) > 5 else "")
+        raise CheckpointCorruptError(f"{ckpt} is damaged: {shown}")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
     ckpt = resolve(path)
-    manifest = json.loads((ckpt / MANIFEST).read_text())
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except ValueError as exc:
+        raise CheckpointCorruptError(f"{ckpt / MANIFEST} is not valid JSON ({exc}); the "
+                                     f"checkpoint is damaged") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt / MANIFEST}: unknown format {manifest.get('format')!r}, "
                               f"expected {FORMAT!r}")
@@ -213,11 +281,14 @@ def check_model_compatible(manifest: dict, model_config: dict, path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, chunks: list, *, optimizer=None,
-                    model_config: dict | None = None) -> dict:
-    """Load weights (and optimizer state if given) into this rank's chunks; returns the manifest."""
-    from megatron.core import dist_checkpointing
+                    model_config: dict | None = None, verify: bool = True) -> dict:
+    """Load weights (and optimizer state if given) into this rank's chunks; returns the manifest.
 
+    Collective. With ``verify`` every file is checked against the manifest's checksums first
+    (pass False only when :func:`verify_checkpoint` just did)."""
     ckpt = resolve(path)
+    if verify:
+        verify_checkpoint(ckpt)
     manifest = read_manifest(ckpt)
     if model_config is not None:
         check_model_compatible(manifest, model_config, ckpt)
@@ -229,7 +300,7 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, *, optimizer=None,
         _materialise_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=DIST_OPT_METADATA)
-    loaded = dist_checkpointing.load(state, str(ckpt / "dist"))
+    loaded = _load_sharded(state, ckpt)
     if len(chunks) == 1:
         unwrap(chunks[0]).load_state_dict(loaded["model"], strict=True)
     else:
@@ -238,6 +309,22 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, *, optimizer=None,
     if optimizer is not None:
         _load_optimizer_state(optimizer, loaded["optimizer"])
     return manifest
+
+
+def _load_sharded(state: dict, ckpt: Path) -> dict:
+    """megatron's sharded load, its failures named with the checkpoint (a truncated shard is a
+    bare EOFError from torch's unpickler; torch's CheckpointException is a BaseException)."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(state, str(ckpt / "dist"))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"{ckpt}: its sharded state cannot be read "
+                              f"({type(exc).__name__}: {text[:300]}); the checkpoint is damaged "
+                              f"or incomplete: resume from an earlier one") from exc
 
 
 def _load_optimizer_state(optimizer, state) -> None:

@@ -164,8 +164,11 @@ def _convert_streaming(ckpt, cfg, dtype, output: Path, progress: bool) -> Path:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
+        from megasyne.checkpoint.integrity import digest_checkpoint
+
         manifest = dict(format=FORMAT, iteration=0, model=cfg.to_dict(), layout=dims.layout_dict(),
-                        has_optimizer=False, extra=_manifest_extra(ckpt, dtype))
+                        has_optimizer=False, extra=_manifest_extra(ckpt, dtype),
+                        files=digest_checkpoint(final, exclude=(MANIFEST,)))
         (final / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         (partial / "latest").write_text(final.name + "\n")
         _publish_checkpoint(partial, output)

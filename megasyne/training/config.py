@@ -113,6 +113,10 @@ class TrainConfig:
     bench_eval: "BenchEvalConfig | None" = None
     """Benchmark accuracy during training (megasyne.training.bench_eval): a fixed
     multiple-choice subset scored every interval_steps (any TP/PP/DP, no virtual stages)."""
+    fresh_start: bool = False
+    """Start from step 0 although run_dir holds checkpoints: they and metrics.jsonl are moved
+    aside (renamed ``*.set-aside-<time>``, never deleted). A one-launch request: accepted only
+    as a command-line override, since a relaunch of the same config would start over again."""
     rebase_data: bool = False
     """On resume, when the recipe or a source's data changed since the checkpoint: continue
     every source from its saved stream position under the new recipe (instead of refusing).
@@ -302,6 +306,10 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
         raw = yaml.load(p.read_text(), Loader=_NumberAwareLoader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if isinstance(raw, dict) and raw.get("fresh_start"):
+        raise ConfigError(f"{path}: fresh_start belongs on the command line of one launch "
+                          f"(--set fresh_start=true), not in a config file: every relaunch of "
+                          f"this config would set the run's checkpoints aside and start over")
     raw = apply_overrides(raw, list(overrides))
     return from_dict(raw, base_dir=p.parent)
 
@@ -309,6 +317,7 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
 def dump_config(cfg: TrainConfig, path: Path) -> None:
     data = cfg.to_dict()
     data["fault_nan_steps"] = list(data["fault_nan_steps"])
+    data["fresh_start"] = False  # done by this launch; the record must not repeat it
     if data.get("adaptive"):
         data["adaptive"]["topics"] = list(data["adaptive"]["topics"])
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -178,7 +178,9 @@ class Trainer:
         """Continue from the newest complete checkpoint of the run, if any (else start: from
         init_checkpoint's weights when given)."""
         cfg = self.cfg
-        path = ckpt.find_latest(self.run_dir / "checkpoints")
+        if cfg.fresh_start:
+            self._set_aside_previous_run()
+        path = self._intact_checkpoint()
         if path is None:
             self.log.truncate_after(-1)  # a fresh start: drop lines of a run killed before its first save
             if cfg.init_checkpoint:
@@ -188,7 +190,7 @@ class Trainer:
             return False
         self.check_resumable(ckpt.read_manifest(path)["extra"], checkpoint=str(path))
         manifest = ckpt.load_checkpoint(path, self.chunks, optimizer=self.optimizer,
-                                        model_config=self.model_cfg.to_dict())
+                                        model_config=self.model_cfg.to_dict(), verify=False)
         self.step = manifest["iteration"]
         self.load_state_dict(manifest["extra"], checkpoint=str(path))
         rng_file = _rng_path(path, self.rank)
@@ -198,6 +200,37 @@ class Trainer:
         print0(f"resumed from {path} at step {self.step} "
                f"(consumed samples {self.step * cfg.global_batch_size})")
         return True
+
+    def _intact_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from: the newest intact one that ``latest`` allows, a
+        damaged one skipped with a warning; None when the run has none (a fresh start). Refuses
+        when every checkpoint is damaged: work exists, so no silent fresh start."""
+        root = self.run_dir / "checkpoints"
+        damaged = []
+        for path in ckpt.resume_candidates(root, warn=print0):
+            try:
+                ckpt.verify_checkpoint(path)
+                return path
+            except ckpt.CheckpointCorruptError as exc:
+                damaged.append(str(exc))
+                print0(f"warning: {exc}; falling back to the previous checkpoint")
+        if damaged:
+            raise ckpt.CheckpointError(
+                f"no intact checkpoint in {root} ({' | '.join(damaged)}): restore them, or "
+                f"rerun with --set fresh_start=true to set them aside and start from step 0")
+        return None
+
+    def _set_aside_previous_run(self) -> None:
+        """fresh_start: the run's checkpoints and metrics renamed aside, nothing deleted."""
+        if self.rank == 0:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for name in ("checkpoints", "metrics.jsonl"):
+                old = self.run_dir / name
+                if old.exists():
+                    aside = self.run_dir / f"{name}.set-aside-{stamp}"
+                    old.rename(aside)
+                    print0(f"fresh_start: {old} moved to {aside}")
+        dist.barrier()
 
     def save(self) -> Path:
         path = ckpt.save_checkpoint(

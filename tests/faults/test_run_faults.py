@@ -136,13 +136,81 @@ def test_a_second_launcher_on_a_run_dir_is_refused_at_once(saved):
     assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
 
 
+def test_a_lost_latest_pointer_resumes_from_the_newest_complete_checkpoint(saved):
+    run = _copy(saved, "nolatest")
+    (run / "checkpoints" / "latest").unlink()
+    proc = launch(saved, "nolatest", *DP2, "exit_at_step=5")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "latest is missing; resuming from the newest complete checkpoint" in proc.stdout
+    assert "iter_0000004 at step 4" in proc.stdout
+    recs = records(saved, "nolatest")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[:4] == records(saved, "base")
+
+
+def test_a_deleted_newest_checkpoint_falls_back_to_the_previous_one(saved):
+    run = _copy(saved, "nonewest")
+    shutil.rmtree(run / "checkpoints" / "iter_0000004")  # 'latest' now dangles
+    proc = launch(saved, "nonewest", *DP2, "exit_at_step=4")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "names iter_0000004, which is not a complete checkpoint" in proc.stdout
+    assert "iter_0000002 at step 2" in proc.stdout
+    _same_steps(records(saved, "nonewest"), records(saved, "base"))  # steps 3-4 redone bit-identically
+
+
+def _same_steps(got: list[dict], want: list[dict]) -> None:
+    """Same steps with bit-identical losses, grad norms, LRs and data (timings aside)."""
+    keys = ("step", "loss", "grad_norm", "lr", "source_loss", "data_crc", "consumed_samples")
+    assert [{k: r[k] for k in keys} for r in got] == [{k: r[k] for k in keys} for r in want]
+
+
+def _shards(ckpt_dir):
+    return sorted((ckpt_dir / "dist").glob("__*_0.distcp"))
+
+
+def test_damaged_checkpoints_are_named_skipped_or_refused_and_never_restarted(saved):
+    run = _copy(saved, "damaged")
+    before = (run / "metrics.jsonl").read_text()
+    newest, older = run / "checkpoints" / "iter_0000004", run / "checkpoints" / "iter_0000002"
+    truncated = _shards(newest)[-1]
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size // 2)
+    flipped = _shards(older)[0]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit: still a loadable file
+    flipped.write_bytes(bytes(data))
+
+    refused = launch(saved, "damaged", *DP2, "exit_at_step=6")
+    assert refused.returncode != 0
+    assert f"{truncated}: " in refused.stderr and "(truncated or overwritten)" in refused.stderr
+    assert f"{flipped}: checksum mismatch" in refused.stderr
+    assert "--set fresh_start=true" in refused.stderr
+    assert (run / "metrics.jsonl").read_text() == before  # no silent fresh start
+
+    shutil.copy2(saved / "base" / "checkpoints" / "iter_0000002" / "dist" / flipped.name, flipped)
+    fallback = launch(saved, "damaged", *DP2, "exit_at_step=4")
+    assert fallback.returncode == 0, fallback.stderr[-6000:]
+    assert f"{newest} is damaged" in fallback.stdout and "falling back" in fallback.stdout
+    assert "iter_0000002 at step 2" in fallback.stdout
+    _same_steps(records(saved, "damaged"), records(saved, "base"))
+
+    # Starting over is an explicit, one-launch request, and sets the old run aside.
+    fresh = launch(saved, "damaged", *DP2, "exit_at_step=2", "fresh_start=true")
+    assert fresh.returncode == 0, fresh.stderr[-6000:]
+    aside = sorted(p.name for p in run.iterdir() if ".set-aside-" in p.name)
+    assert [n.split(".set-aside-")[0] for n in aside] == ["checkpoints", "metrics.jsonl"]
+    _same_steps(records(saved, "damaged"), records(saved, "base")[:2])
+
+
 def test_a_re_preprocessed_source_is_refused(saved):
     """Last in the module: it rewrites a source of the shared data (and restores it)."""
     from megasyne.data.preprocess import PreprocessConfig, run_preprocess
 
     _copy(saved, "reprocessed")
     prefix = saved / "en_verse_text_document"
-    keep = {ext: (saved / f"en_verse_text_document{ext}").read_bytes() for ext in (".bin", ".idx")}
+    keep = saved / "kept_en_verse"  # the dataset, its sidecar and report, restored after
+    keep.mkdir()
+    for p in saved.glob("en_verse_text_document*"):
+        (shutil.copytree if p.is_dir() else shutil.copy2)(p, keep / p.name)
     raw = saved / "en_verse.jsonl"
     lines = raw.read_text(encoding="utf-8").splitlines(keepends=True)
     (saved / "en_verse_fewer.jsonl").write_text("".join(lines[:50]), encoding="utf-8")
@@ -154,11 +222,24 @@ def test_a_re_preprocessed_source_is_refused(saved):
                                         log_interval=0, progress=False))
         proc = launch(saved, "reprocessed", *DP2)
     finally:
-        for ext, data in keep.items():
-            (saved / f"en_verse_text_document{ext}").write_bytes(data)
+        for p in saved.glob("en_verse_text_document*"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for p in keep.iterdir():
+            p.rename(saved / p.name)
     assert proc.returncode != 0
     assert "source en_verse data (.idx/.bin)" in proc.stderr and "rebase_data" in proc.stderr
     assert prefix.with_suffix(".idx").exists()
+
+
+def test_fresh_start_is_refused_in_a_config_file(saved, tmp_path):
+    from megasyne.errors import ConfigError
+    from megasyne.training.config import load_config
+
+    raw = yaml.safe_load((saved / "base.yaml").read_text())
+    raw.update(fresh_start=True, recipe=str(saved / "recipe.yaml"))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="fresh_start belongs on the command line"):
+        load_config(str(tmp_path / "c.yaml"))
 
 
 def test_metrics_log_keeps_every_good_line(tmp_path):
