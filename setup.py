@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - only without build isolation
     raise SystemExit(
         "megasyne: building csrc/ needs pybind11 (pip install pybind11>=2.12) "
         f"before `pip install -e .` when build isolation is off ({exc})."
-    )
+    ) from None
 
 
 class BuildExtWithClearErrors(build_ext):

@@ -25,9 +25,10 @@ Implementations (each skipped with a printed reason when it does not import):
   RMSNorm:  megasyne triton | torch eager (megasyne's fallback formula) | torch.compile of it |
             Liger-Kernel LigerRMSNorm | Transformer-Engine RMSNorm
   CE:       megasyne triton (per token, the model's path) | megasyne triton (mean: gradient
-            computed in the forward, the semantics Liger is timed with) | torch eager F.cross_entropy on fp32-upcast logits (what HF
-            does) | torch.compile of it | megatron-core tensor_parallel.vocab_parallel_cross_entropy
-            | megatron-core fusions.fused_cross_entropy | Liger-Kernel cross entropy (mean)
+            computed in the forward, the semantics Liger is timed with) | torch eager
+            F.cross_entropy on fp32-upcast logits (what HF does) | torch.compile of it |
+            megatron-core tensor_parallel.vocab_parallel_cross_entropy |
+            megatron-core fusions.fused_cross_entropy | Liger-Kernel cross entropy (mean)
   RoPE:     megasyne triton | megatron-core unfused bshd RoPE (its path without TE) |
             torch.compile of it | Liger-Kernel rope (its [b, n, s, d] layout) | TE fused RoPE
   SwiGLU:   megasyne triton | torch eager (megatron-core's unfused glu) | torch.compile of it
@@ -185,7 +186,6 @@ def copy_bandwidth_gbs() -> float:
     src = torch.empty(n, dtype=torch.uint8, device=DEV)
     dst = torch.empty_like(src)
     ms = time_ms(lambda _: dst.copy_(src), reps=10, warmup=3)
-    del src, dst
     return 2 * n / (ms * 1e-3) / 1e9
 
 
@@ -276,11 +276,11 @@ def check_correctness() -> list[dict]:
         for what, a, e, dt in (("mean loss", loss, l64, torch.float32), ("dlogits (mean)", dl, dl64, dtype)):
             ok, rel = within_ulp(a, e, dt)
             out.append(dict(kernel="cross_entropy", shape=[n, v], dtype=str(dtype), what=what, ok=ok, max_rel=rel))
-    heads, d = (4, 16) if ARGS.dry_run else (32, 128)
+    heads, head_dim = (4, 16) if ARGS.dry_run else (32, 128)
     # Llama-3-8B queries (one row per program), TinyLlama-like keys (4 heads x 64: 16 rows per
     # program), and 3 odd heads in fp32 (8 rows per program, the last one partly masked).
-    for s_, b, n, d, dtype in ((65, 2, heads, d, torch.bfloat16), (65, 2, 4, 64, torch.bfloat16),
-                               (33, 1, 3, d, torch.float32)):
+    for s_, b, n, d, dtype in ((65, 2, heads, head_dim, torch.bfloat16),
+                               (65, 2, 4, 64, torch.bfloat16), (33, 1, 3, head_dim, torch.float32)):
         t = torch.randn(s_, b, n, d, generator=g).to(DEV, dtype)
         f = rope_angles(s_, d, start=4000)
         dy = torch.randn(s_, b, n, d, generator=g).to(DEV, dtype)
@@ -460,7 +460,7 @@ def sweep(tokens) -> list[dict]:
         ms = time_ms(lambda _: torch.autograd.grad(y, [x, w], dy, retain_graph=True))
         out.append(dict(kernel="rmsnorm bwd", knob="programs/SM, warps, rows/step", value=list(cfg), ms=ms))
     RMS.FORCE.pop("rmsnorm_bwd")
-    del x, w, dy
+    x = w = dy = y = None  # free the RMSNorm buffers before the cross-entropy sweep
     logits = torch.randn(t, vocab, device=DEV, dtype=torch.bfloat16).requires_grad_()
     target = torch.randint(0, vocab, (t,), device=DEV)
     default, ones = CE.MAX_BLOCK_V, torch.ones(t, device=DEV)

@@ -104,6 +104,7 @@ def child(args) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Both load the same libraries (megatron-core pulls in torch) so only the pipelines differ.
     import megatron.core.datasets.indexed_dataset  # noqa: F401
+
     import megasyne.data.preprocess  # noqa: F401
     peak, stop = [0], threading.Event()
     sampler = threading.Thread(target=_rss_sampler, args=(stop, peak), daemon=True)

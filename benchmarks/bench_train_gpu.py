@@ -49,8 +49,9 @@ import sys
 import time
 import traceback
 
-import megasyne  # noqa: F401  (TRITON_INTERPRET on CPU)
 import torch
+
+import megasyne  # noqa: F401  (TRITON_INTERPRET on CPU)
 
 SEED = 1234
 
@@ -126,7 +127,7 @@ def bench_megasyne(cfg, args, kernels: bool) -> dict:
                wgrad_fusion_off_because=wgrad_accumulation_status(),
                rope_fusion=bool(chunks[0].config.apply_rope_fusion))
     maybe_profile(args, out, step)
-    del ddp, opt, chunks, batch, step
+    ddp = opt = chunks = batch = step = None  # drop the model's GPU memory before free()
     free()
     return out
 
@@ -174,7 +175,7 @@ def bench_hf(cfg, args, bf16_weights: bool = False) -> dict:
     out = dict(step_times_s=times, losses=losses, skipped_steps=0, peak_mem_gib=peak_mem(),
                build_s=build_s)
     maybe_profile(args, out, step)
-    del model, opt, step
+    model = opt = step = None  # drop the model's GPU memory before free()
     free()
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def read_jsonl(path: str | os.PathLike, error: type[Exception]) -> Iterator[tuple[int, dict]]:

@@ -65,7 +65,7 @@ class TokenScorer(ABC):
         if dist.is_initialized():
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional to override: nothing to release by default)
         """Release process groups this scorer created (none by default)."""
 
 
@@ -122,7 +122,7 @@ class MegatronScorer(TokenScorer):
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, *, tp: int = 1, pp: int = 1,
                         virtual_pp: int | None = None, dtype: torch.dtype = torch.float32,
-                        micro_batch_size: int = 1, attention: str | None = None) -> "MegatronScorer":
+                        micro_batch_size: int = 1, attention: str | None = None) -> MegatronScorer:
         """Load a megasyne checkpoint (saved at any layout) at TP x PP (x virtual stages) over
         the launcher's ranks (DP = world / (TP x PP)); creates the process groups."""
         from megasyne.checkpoint.dist import load_checkpoint, read_manifest, resolve
@@ -280,7 +280,7 @@ class HFScorer(TokenScorer):
 
     @classmethod
     def from_dir(cls, hf_dir: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                 attention: str | None = None) -> "HFScorer":
+                 attention: str | None = None) -> HFScorer:
         """Load an HF directory onto this rank's GPU (or the CPU); under torchrun, joins a
         process group so that ranks take different shares."""
         import transformers

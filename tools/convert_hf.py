@@ -24,10 +24,12 @@ import sys
 from pathlib import Path
 
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
-
 from megasyne.checkpoint.hf import DTYPES
 from megasyne.checkpoint.hf_convert import (
-    check_output, hf_to_megasyne, inspect_hf, megasyne_to_hf,
+    check_output,
+    hf_to_megasyne,
+    inspect_hf,
+    megasyne_to_hf,
 )
 from megasyne.errors import MegasyneError, report
 

@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
-
 from megasyne.errors import MegasyneError, report
 from megasyne.eval.tasks import EvalConfigError, load_task_file, preset_tasks
 

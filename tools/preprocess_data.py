@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(exc)
     except OSError as exc:  # unreadable input, unwritable output: the message names the path
         return report(exc)
-    for key, r in reports.items():
+    for r in reports.values():
         print(json.dumps({k: r[k] for k in ("dataset", "docs", "tokens", "skipped", "empty",
                                             "docs_per_s", "tokens_per_s")}))
     return 0

@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from megasyne.errors import MegasyneError, report
     from megasyne.syne.synth.pipeline import (
-        SynthConfig, SynthError, read_seed_dataset, read_seed_pages, run_synth,
+        SynthConfig,
+        SynthError,
+        read_seed_dataset,
+        read_seed_pages,
+        run_synth,
     )
     from megasyne.syne.synth.templates import load_disciplines
 

@@ -63,8 +63,8 @@ def split_corpus() -> None:
         (DATA / "raw" / part).mkdir(parents=True, exist_ok=True)
     for name in SOURCES:
         lines = (CORPUS / f"{name}.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-        valid = [l for i, l in enumerate(lines) if i % VALID_EVERY == VALID_EVERY - 1]
-        train = [l for i, l in enumerate(lines) if i % VALID_EVERY != VALID_EVERY - 1]
+        valid = [line for i, line in enumerate(lines) if i % VALID_EVERY == VALID_EVERY - 1]
+        train = [line for i, line in enumerate(lines) if i % VALID_EVERY != VALID_EVERY - 1]
         (DATA / "raw" / "train" / f"{name}.jsonl").write_text("".join(train), encoding="utf-8")
         (DATA / "raw" / "valid" / f"{name}.jsonl").write_text("".join(valid), encoding="utf-8")
 

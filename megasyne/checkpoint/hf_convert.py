@@ -29,13 +29,31 @@ from pathlib import Path
 import torch
 
 from megasyne.checkpoint.convert_output import (
-    CHECKPOINT_MARKER, HF_MARKER, check_output, owned_by_checkpoint_export, owned_by_hf_export,
-    partial_dir, publish,
+    CHECKPOINT_MARKER,
+    HF_MARKER,
+    check_output,
+    owned_by_checkpoint_export,
+    owned_by_hf_export,
+    partial_dir,
+    publish,
 )
 from megasyne.checkpoint.hf import (
-    TOKENIZER_FILES, HFCheckpoint, HFConversionError, SafetensorsStreamWriter, dist_key,
-    dtype_name, full_name, hf_config_from_llama, hf_shapes, llama_config_from_hf, param_maps,
-    parse_size, plan_shards, to_hf, to_megatron, validate_hf,
+    TOKENIZER_FILES,
+    HFCheckpoint,
+    HFConversionError,
+    SafetensorsStreamWriter,
+    dist_key,
+    dtype_name,
+    full_name,
+    hf_config_from_llama,
+    hf_shapes,
+    llama_config_from_hf,
+    param_maps,
+    parse_size,
+    plan_shards,
+    to_hf,
+    to_megatron,
+    validate_hf,
 )
 from megasyne.model.config import LlamaConfig, ModelConfigError
 from megasyne.parallel.dims import ParallelDims
@@ -138,8 +156,13 @@ def _init_single_process() -> bool:
 def _convert_streaming(ckpt, cfg, dtype, output: Path, progress: bool) -> Path:
     from megatron.core import dist_checkpointing
 
-    from megasyne.checkpoint.dist import DIST_OPT_METADATA, FORMAT, MANIFEST, iter_name, \
-        model_sharded_state_dict
+    from megasyne.checkpoint.dist import (
+        DIST_OPT_METADATA,
+        FORMAT,
+        MANIFEST,
+        iter_name,
+        model_sharded_state_dict,
+    )
     from megasyne.model.builder import ModelRuntime, build_model
     from megasyne.parallel.init import destroy_parallel, init_parallel
 
@@ -188,7 +211,9 @@ def _streaming_strategy(source: MegatronFromHF, progress: bool):
     """
     import torch.distributed.checkpoint as dcp
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
         mcore_to_pyt_state_dict,
     )
     from torch.distributed.checkpoint.filesystem import FileSystemWriter, _StorageInfo

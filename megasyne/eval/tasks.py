@@ -248,7 +248,7 @@ _DESCRIPTION = {  # for subjects lm-eval does not know
 _LM_EVAL_DIRS = {"mmlu": "mmlu/default", "ceval": "ceval", "cmmlu": "cmmlu"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lm_eval_descriptions(fmt: str) -> dict[str, str]:
     """{subject: description} from the per-subject task YAMLs lm-eval ships."""
     import lm_eval.tasks

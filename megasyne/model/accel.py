@@ -15,7 +15,7 @@ import os
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def transformer_engine_available() -> bool:
     # On CPU, `import transformer_engine` raises (no cudnn) and would break megatron's
     # own import: never even try without CUDA.

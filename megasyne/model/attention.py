@@ -10,7 +10,6 @@ signature, causal masking, GQA without materialising repeated K/V (``enable_gqa`
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
@@ -24,8 +23,8 @@ class SDPAttention(MegatronModule):
     """softmax(q k^T / sqrt(d)) v with a causal mask; q: [sq, b, np, hn], k/v: [sk, b, ng, hn]."""
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: Optional[float] = None,
-                 softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
+                 attention_type: str, attention_dropout: float | None = None,
+                 softmax_scale: float | None = None, cp_comm_type: str | None = None,
                  pg_collection=None):
         super().__init__(config=config)
         if config.context_parallel_size != 1:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from megasyne.errors import ConfigError
 from megasyne import megatron_patches
+from megasyne.errors import ConfigError
 from megasyne.model import accel, fusions
 from megasyne.model.config import LlamaConfig
 from megasyne.model.norm import RMSNorm

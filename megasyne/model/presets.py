@@ -5,8 +5,8 @@ Numbers from the model cards / config.json of each release (tabulated in docs/re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from megasyne.model.config import LlamaConfig, ModelConfigError, RopeScaling
 

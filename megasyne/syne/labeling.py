@@ -24,7 +24,12 @@ from megasyne.jsonl import read_jsonl
 from megasyne.syne.blocks import BlockStore
 from megasyne.syne.ppl import document_tokens
 from megasyne.syne.topics import (
-    Featurizer, LabelledDoc, LanguageTaxonomy, TopicClassifier, TopicError, embed_raw,
+    Featurizer,
+    LabelledDoc,
+    LanguageTaxonomy,
+    TopicClassifier,
+    TopicError,
+    embed_raw,
     train_classifier,
 )
 

@@ -150,7 +150,7 @@ class MixtureDecision:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MixtureDecision":
+    def from_dict(cls, d: dict) -> MixtureDecision:
         return cls(**d)
 
 

@@ -307,7 +307,7 @@ class TopicClassifier:
     taxonomy_sha256: str = ""
     info: dict = field(default_factory=dict)
 
-    def predict_raw(self, featurizer: "Featurizer", raw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def predict_raw(self, featurizer: Featurizer, raw: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(topic index [n] int64, confidence [n] float32) from raw features [n, D]."""
         if featurizer.kind != self.features:
             raise TopicError(f"the head was trained on {self.features!r} features, "
@@ -317,7 +317,7 @@ class TopicClassifier:
         conf, idx = p.max(dim=-1)
         return idx.numpy().astype(np.int64), conf.numpy().astype(np.float32)
 
-    def predict(self, featurizer: "Featurizer", texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, featurizer: Featurizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return self.predict_raw(featurizer, featurizer.raw(texts))
 
     def save(self, out_dir: str | os.PathLike) -> Path:
@@ -344,7 +344,7 @@ class TopicClassifier:
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TopicClassifier":
+    def load(cls, path: str | os.PathLike) -> TopicClassifier:
         from safetensors.torch import load_file
 
         path = Path(path)

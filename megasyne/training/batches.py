@@ -94,4 +94,4 @@ def check_vocabulary(dataset, vocab_size: int, what: str) -> None:
         raise ValueError(f"{what}: sources were tokenised with different tokenizers ({detail})")
     if unchecked:
         warnings.warn(f"{what}: no preprocess report beside {unchecked}; their token ids are not "
-                      f"checked against the model's vocabulary ({vocab_size})")
+                      f"checked against the model's vocabulary ({vocab_size})", stacklevel=2)

@@ -23,7 +23,6 @@ from megasyne.parallel.dims import ParallelConfigError, ParallelDims
 from megasyne.training.optim import OptimConfig
 from megasyne.training.schedule import ScheduleConfig
 
-
 if TYPE_CHECKING:  # imported lazily at parse time (they pull in the eval / syne packages)
     from megasyne.training.hooks.adaptive_mixture import AdaptiveTrainConfig
     from megasyne.training.hooks.bench_probe import BenchEvalConfig
@@ -108,9 +107,9 @@ class TrainConfig:
     a later run with the same run_dir and no stop continues into the next stage)."""
     stage_settings: dict = field(default_factory=dict)
     """Recipe stage name -> StageSettings (its own LR and schedule inside that stage)."""
-    adaptive: "AdaptiveTrainConfig | None" = None
+    adaptive: AdaptiveTrainConfig | None = None
     """Adaptive topic mixture (megasyne.training.adaptive); needs eval_recipe."""
-    bench_eval: "BenchEvalConfig | None" = None
+    bench_eval: BenchEvalConfig | None = None
     """Benchmark accuracy during training (megasyne.training.bench_eval): a fixed
     multiple-choice subset scored every interval_steps (any TP/PP/DP, no virtual stages)."""
     fresh_start: bool = False

@@ -32,7 +32,7 @@ class RunDirLock:
         self.path = Path(run_dir) / ".lock"
         self._file = None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+", encoding="utf-8")
         try:

@@ -17,10 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 import torch
 import torch.distributed as dist
 
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 from megasyne.checkpoint.hf_convert import hf_to_megasyne
 from tests.checkpoint.hf_models import tokens
 

@@ -9,8 +9,9 @@ transformers' (eager and SDPA attention) on the same tokens to OUT/logits.pt.
 import sys
 from pathlib import Path
 
-import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 import torch
+
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 
 # Jane Austen, Pride and Prejudice (1813), public domain.
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "

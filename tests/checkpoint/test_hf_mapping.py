@@ -13,9 +13,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megasyne.checkpoint.hf import (
-    HFCheckpoint, HFConversionError, SafetensorsStreamWriter, _SafetensorsFile, dist_key,
-    full_name, hf_config_from_llama, hf_shapes, llama_config_from_hf, param_maps, parse_size,
-    plan_shards, to_hf, to_megatron, validate_hf,
+    HFCheckpoint,
+    HFConversionError,
+    SafetensorsStreamWriter,
+    _SafetensorsFile,
+    dist_key,
+    full_name,
+    hf_config_from_llama,
+    hf_shapes,
+    llama_config_from_hf,
+    param_maps,
+    parse_size,
+    plan_shards,
+    to_hf,
+    to_megatron,
+    validate_hf,
 )
 from megasyne.model.presets import llama3_1_8b, tiny_debug, tiny_debug_mha, tinyllama_1_1b
 

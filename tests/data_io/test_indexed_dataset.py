@@ -9,8 +9,14 @@ import pytest
 
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron is imported)
 from megasyne.data.indexed_dataset import (
-    DTYPE_CODES, IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, best_token_dtype,
-    dtype_code, idx_fingerprint)
+    DTYPE_CODES,
+    IndexedDataset,
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    best_token_dtype,
+    dtype_code,
+    idx_fingerprint,
+)
 
 
 def random_docs(n, high, seed=0):

@@ -8,8 +8,14 @@ import pytest
 
 from megasyne.data.indexed_dataset import IndexedDatasetWriter, idx_fingerprint
 from megasyne.data.metadata import (
-    MetadataError, list_metadata_fields, meta_dir, metadata_field_info, read_metadata_field,
-    stale_metadata_fields, write_metadata_field)
+    MetadataError,
+    list_metadata_fields,
+    meta_dir,
+    metadata_field_info,
+    read_metadata_field,
+    stale_metadata_fields,
+    write_metadata_field,
+)
 
 
 def make_dataset(prefix, n=10, shift=0):

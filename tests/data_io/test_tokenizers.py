@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 
-from megasyne.data.tokenizers import (
-    LLAMA3_SPECIAL_TOKENS, TokenizerError, detect_kind, load_tokenizer)
+from megasyne.data.tokenizers import LLAMA3_SPECIAL_TOKENS, TokenizerError, detect_kind, load_tokenizer
 
 from .conftest import write_ranks
 

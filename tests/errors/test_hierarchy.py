@@ -12,8 +12,17 @@ import pytest
 
 import megasyne
 from megasyne.errors import (
-    EXIT_ERROR, CheckpointError, ConfigError, ConversionError, DataError, EvalError,
-    MegasyneError, RecipeToolError, TrainingError, one_line, report,
+    EXIT_ERROR,
+    CheckpointError,
+    ConfigError,
+    ConversionError,
+    DataError,
+    EvalError,
+    MegasyneError,
+    RecipeToolError,
+    TrainingError,
+    one_line,
+    report,
 )
 from tests.launch import REPO_ROOT
 

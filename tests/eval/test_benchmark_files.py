@@ -11,8 +11,14 @@ import pytest
 
 from megasyne.eval import benchmark_files as D
 from megasyne.eval.tasks import (
-    EvalConfigError, PAPER_PRESET, TaskSpec, build_lm_eval_configs, description, load_task_file,
-    preset_tasks, select,
+    PAPER_PRESET,
+    EvalConfigError,
+    TaskSpec,
+    build_lm_eval_configs,
+    description,
+    load_task_file,
+    preset_tasks,
+    select,
 )
 
 
@@ -175,6 +181,7 @@ def test_prompts_are_lm_evals(fixture_dir):
     """Subject descriptions come from lm-eval's own task YAMLs (MMLU / C-Eval / CMMLU)."""
     assert description("mmlu", "college_computer_science") == \
         "The following are multiple choice questions (with answers) about college computer science.\n\n"
-    assert description("ceval", "high_school_physics") == "以下是中国关于高中物理的单项选择题，请选出其中的正确答案。\n\n"
+    assert description("ceval", "high_school_physics") == \
+        "以下是中国关于高中物理的单项选择题，请选出其中的正确答案。\n\n"
     assert description("cmmlu", "astronomy") == "以下是关于天文学的单项选择题，请直接给出正确答案的选项。\n\n"
     assert description("mmlu", "my_subject").endswith("about my subject.\n\n")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from megasyne.eval.lm import ScoreFnScorer
 from megasyne.eval.in_training import InTrainingEval, accuracies_from_counts
+from megasyne.eval.lm import ScoreFnScorer
 from megasyne.eval.runner import run_tasks
 from megasyne.eval.tasks import EvalConfigError, load_task_file
 from tests.eval.test_runner import fake_score_fn

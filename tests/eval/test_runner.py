@@ -9,7 +9,12 @@ import pytest
 
 from megasyne.eval.lm import ScoreFnScorer
 from megasyne.eval.runner import (
-    RESULTS_FORMAT, compare, format_table, read_results, run_tasks, write_results,
+    RESULTS_FORMAT,
+    compare,
+    format_table,
+    read_results,
+    run_tasks,
+    write_results,
 )
 from megasyne.eval.tasks import EvalConfigError, load_task_file
 from tests.eval.conftest import run_tool

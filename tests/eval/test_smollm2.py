@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
-from megasyne.eval.lm import hf_model_scorer
 from megasyne.eval.in_training import InTrainingEval
+from megasyne.eval.lm import hf_model_scorer
 from megasyne.eval.runner import evaluate, read_results, run_tasks
 from megasyne.eval.tasks import TaskSpec, load_task_file
 from megasyne.scorers import score_fn

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.training.pretrain_launch import G, STEPS, launch, make_run_files, records
+from tests.training.pretrain_launch import STEPS, G, launch, make_run_files, records
 
 pytestmark = pytest.mark.slow
 DP2 = ("parallel.tp=1",)

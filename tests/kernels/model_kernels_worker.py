@@ -13,10 +13,10 @@ OUT_DIR/<LAYOUT>.pt.
 import os
 import sys
 
-import megasyne  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA)
 import torch
 import torch.distributed as dist
 
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET=1 without CUDA)
 from megasyne.checkpoint.sharding import gather_full_state, load_full_state
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.model.presets import tiny_debug
@@ -59,8 +59,8 @@ def main(out_dir: str, layout: str) -> None:
         from megasyne.model.layer import FusedResidualNormLayer
 
         layers = list(chunks[0].decoder.layers)
-        assert all(isinstance(l, FusedResidualNormLayer) is kernels for l in layers)
-        assert not kernels or all(l.fused_reason is None for l in layers)
+        assert all(isinstance(layer, FusedResidualNormLayer) is kernels for layer in layers)
+        assert not kernels or all(layer.fused_reason is None for layer in layers)
         assert not kernels or rope_utils.fused_apply_rotary_pos_emb is fused_rope
         # Checkpoints do not depend on the switch: the same sharded keys (Megatron's MLP
         # asks the activation module for its sharded state too).
@@ -70,7 +70,7 @@ def main(out_dir: str, layout: str) -> None:
         ddp = wrap_ddp(chunks, dims)
         optimizer = build_optimizer(ddp, dims, OptimConfig(lr=1e-3, weight_decay=0.1))
         losses, norms = [], []
-        for step, tokens in enumerate(global_batches()):
+        for tokens in global_batches():
             for group in optimizer.param_groups:
                 group["lr"] = 1e-3
             mbs = micro_batches(tokens, 0, 1, 2)

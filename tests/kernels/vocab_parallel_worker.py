@@ -57,8 +57,10 @@ def main(out_dir):
         logits, target, grad = inputs(dtype, seed, ignore)
         local = logits[..., shard].contiguous()
         ours_tp = loss_and_grad(
-            lambda x, t: vocab_parallel_cross_entropy(x, t, tp_group=tp, **kw), local, target, grad)
-        ours_single = loss_and_grad(lambda x, t: cross_entropy(x, t, **kw), logits, target, grad)
+            lambda x, t, kw=kw: vocab_parallel_cross_entropy(x, t, tp_group=tp, **kw), local,
+            target, grad)
+        ours_single = loss_and_grad(lambda x, t, kw=kw: cross_entropy(x, t, **kw), logits,
+                                    target, grad)
         rec = dict(logits=logits, target=target, grad=grad, kw=kw,
                    ours_tp=ours_tp, ours_single=ours_single)
         if not kw:  # Megatron has no ignore_index / z-loss; its TP>1 smoothing is rank-local

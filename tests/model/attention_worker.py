@@ -2,9 +2,9 @@
 
 import json
 
-import megasyne  # noqa: F401
 import torch
 
+import megasyne  # noqa: F401
 from megasyne.checkpoint.sharding import gather_full_state, load_full_state
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.model.presets import tiny_debug, tiny_debug_mha

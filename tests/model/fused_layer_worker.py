@@ -10,9 +10,9 @@ Triton RMSNorm; only the residual add and the norm are separate there). Prints R
 import json
 from unittest import mock
 
-import megasyne  # noqa: F401  (TRITON_INTERPRET=1 without CUDA)
 import torch
 
+import megasyne  # noqa: F401  (TRITON_INTERPRET=1 without CUDA)
 import megasyne.kernels.rmsnorm as rmsnorm_mod
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.model.layer import FusedResidualNormLayer
@@ -29,11 +29,11 @@ for case, kw in CASES.items():
     cfg = tiny_debug(num_layers=2, hidden_size=96, ffn_hidden_size=200)
     model = build_model(cfg, dims, ModelRuntime(triton_kernels=True, **kw))[0]
     layers = list(model.decoder.layers)
-    assert all(type(l) is FusedResidualNormLayer and l.fused_reason is None for l in layers)
+    assert all(type(layer) is FusedResidualNormLayer and layer.fused_reason is None for layer in layers)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # norm weights away from 1 so a wrong weight would show
-        for l in layers:
-            l.pre_mlp_layernorm.weight.uniform_(0.5, 1.5, generator=g)
+        for layer in layers:
+            layer.pre_mlp_layernorm.weight.uniform_(0.5, 1.5, generator=g)
     tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=g)
     pos = torch.arange(24).unsqueeze(0).expand(2, -1)
     reference = None
@@ -41,19 +41,20 @@ for case, kw in CASES.items():
         ref_model = build_model(cfg, dims, ModelRuntime(triton_kernels=True))[0]
         ref_model.load_state_dict({k: v.float() for k, v in model.state_dict().items()
                                    if torch.is_tensor(v)}, strict=False)
-        for l in ref_model.decoder.layers:
-            l.fused_reason = "test: Megatron's forward"
+        for layer in ref_model.decoder.layers:
+            layer.fused_reason = "test: Megatron's forward"
         ref_model(tokens, pos, None, labels=tokens).float().mean().backward()
         reference = {n: p.grad.clone() for n, p in ref_model.named_parameters()}
     out = {}
     for path in ("fused", "megatron"):
-        for l in layers:
-            l.fused_reason = None if path == "fused" else "test: Megatron's forward"
+        for layer in layers:
+            layer.fused_reason = None if path == "fused" else "test: Megatron's forward"
         model.zero_grad(set_to_none=True)
         calls = []
         real = rmsnorm_mod.add_rmsnorm
         with mock.patch.object(rmsnorm_mod, "add_rmsnorm",
-                               side_effect=lambda *a: calls.append(1) or real(*a)):
+                               side_effect=lambda *a, calls=calls, real=real:
+                               calls.append(1) or real(*a)):
             loss = model(tokens, pos, None, labels=tokens).float().mean()
             loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters()}

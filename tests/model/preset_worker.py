@@ -5,9 +5,9 @@ Run as a plain process (RANK/WORLD_SIZE unset -> world size 1, gloo).
 
 import json
 
-import megasyne  # noqa: F401
 import torch
 
+import megasyne  # noqa: F401
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.model.presets import PRESETS
 from megasyne.parallel.dims import ParallelDims

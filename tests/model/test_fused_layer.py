@@ -22,8 +22,8 @@ def result():
     proc = subprocess.run([sys.executable, "tests/model/fused_layer_worker.py"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(next(l for l in proc.stdout.splitlines()
-                           if l.startswith("RESULT "))[len("RESULT "):])
+    return json.loads(next(line for line in proc.stdout.splitlines()
+                           if line.startswith("RESULT "))[len("RESULT "):])
 
 
 @pytest.mark.parametrize("case", sorted(TOLERANCES))

@@ -20,7 +20,7 @@ def built_counts():
     proc = subprocess.run([sys.executable, "tests/model/preset_worker.py"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("COUNTS "))
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("COUNTS "))
     return json.loads(line[len("COUNTS "):])
 
 

@@ -13,10 +13,10 @@ full parameters after the last step.
 import os
 import sys
 
-import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 import torch
 import torch.distributed as dist
 
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 from megasyne.checkpoint.sharding import gather_full_state, load_full_state
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.model.presets import tiny_debug

@@ -12,12 +12,12 @@ import logging
 import sys
 
 import megasyne  # noqa: F401  (TRITON_INTERPRET before megatron imports triton)
-from megasyne import megatron_patches as mp
 
 # Load what the patches touch or import before the snapshot: an import during a patch would
 # add modules whose earlier state is unknown.
 import megasyne.model.fusions  # noqa: E402,F401
 import megasyne.training.multi_tensor  # noqa: E402,F401
+from megasyne import megatron_patches as mp
 
 for name in ["megatron.core.models.gpt", "megatron.core.optimizer", "megatron.core.distributed",
              "megatron.core.pipeline_parallel", "megatron.core.tensor_parallel",

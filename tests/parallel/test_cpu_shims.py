@@ -1,9 +1,9 @@
 """The CPU shims: inactive with CUDA, each one needed and working without it."""
 
-import megasyne  # noqa: F401
 import pytest
 import torch
 
+import megasyne  # noqa: F401
 from megasyne.megatron_patches import apply_cpu_shims, cpu_shims
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")

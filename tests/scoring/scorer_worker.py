@@ -13,11 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 from megasyne.checkpoint.dist import load_checkpoint, read_manifest
 from megasyne.model.builder import build_model
 from megasyne.model.config import LlamaConfig

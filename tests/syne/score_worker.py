@@ -9,9 +9,8 @@ the metadata field ``ppl_<NAME>``, with the library entry point the tool uses (w
 import sys
 
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
-
-from megasyne.syne.ppl import ScoreConfig, run_score
 from megasyne.scorers import MegatronScorer
+from megasyne.syne.ppl import ScoreConfig, run_score
 
 
 def main(checkpoint: str, prefix: str, specs: list[str]) -> None:

@@ -130,8 +130,8 @@ def test_killed_run_resumes_and_matches_transformers(work):
 
 
 def test_hf_backend_matches_the_reference(work):
-    from megasyne.syne.ppl import run_score
     from megasyne.scorers import HFScorer
+    from megasyne.syne.ppl import run_score
 
     scorer = HFScorer.from_dir(work["root"] / "hf")
     report = run_score(ScoreConfig(prefix=work["prefix"], field="ppl_hf", window=WINDOW,
@@ -143,8 +143,8 @@ def test_hf_backend_matches_the_reference(work):
 
 def test_prepend_id_scores_the_first_token(work):
     """With a BOS in front, a document's first token is predicted too (n scored tokens, not n-1)."""
-    from megasyne.syne.ppl import run_score
     from megasyne.scorers import HFScorer
+    from megasyne.syne.ppl import run_score
 
     scorer = HFScorer.from_dir(work["root"] / "hf")
     report = run_score(ScoreConfig(prefix=work["prefix"], field="ppl_bos", window=WINDOW,

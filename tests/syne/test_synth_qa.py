@@ -13,10 +13,16 @@ import sys
 
 import pytest
 
-from megasyne.syne.synth.generators import OpenAIChatBackend, Request
 from megasyne.syne.synth.filters import (
-    Contamination, NearDuplicates, QAPair, copied_from_seed, language_ok, parse_qa, validate,
+    Contamination,
+    NearDuplicates,
+    QAPair,
+    copied_from_seed,
+    language_ok,
+    parse_qa,
+    validate,
 )
+from megasyne.syne.synth.generators import OpenAIChatBackend, Request
 from megasyne.syne.synth.pipeline import SynthConfig, read_seed_pages, run_synth, snippets
 from megasyne.syne.synth.templates import TemplateError, load_disciplines
 from tests.launch import REPO_ROOT

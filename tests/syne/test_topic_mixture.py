@@ -5,7 +5,12 @@ import json
 import pytest
 
 from megasyne.syne.topic_mixture import (
-    AdaptiveConfig, AdaptiveMixture, AdaptiveMixtureError, MixtureDecision, adapt, clamp_ratios,
+    AdaptiveConfig,
+    AdaptiveMixture,
+    AdaptiveMixtureError,
+    MixtureDecision,
+    adapt,
+    clamp_ratios,
 )
 
 T3 = ("math", "physics", "history")

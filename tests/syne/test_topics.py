@@ -14,7 +14,12 @@ import pytest
 from megasyne.data.metadata import list_metadata_fields, metadata_field_info, read_metadata_field
 from megasyne.syne.labeling import cross_validate, label_jsonl, predict_texts
 from megasyne.syne.topics import (
-    Featurizer, TopicClassifier, TopicError, load_taxonomy, read_labelled, train_classifier,
+    Featurizer,
+    TopicClassifier,
+    TopicError,
+    load_taxonomy,
+    read_labelled,
+    train_classifier,
 )
 from tests.launch import REPO_ROOT
 

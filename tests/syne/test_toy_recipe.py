@@ -62,9 +62,9 @@ def _topic_ids(taxonomy: dict, lang: str) -> list[str]:
 
 
 def test_synthetic_qa_is_read_in_stage_two_only(toy):
-    qa = [json.loads(l) for l in (toy / "synth" / "qa.jsonl").read_text().splitlines()]
+    qa = [json.loads(line) for line in (toy / "synth" / "qa.jsonl").read_text().splitlines()]
     assert qa and all(r["text"].startswith("Problem: ") and r["seed_id"] for r in qa)
-    recs = [json.loads(l) for l in (toy / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(line) for line in (toy / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 11))
     assert [r["stage"] for r in recs] == ["stage1"] * 6 + ["stage2"] * 4
     synth = [r["source_tokens"]["synthetic_qa"] for r in recs]

@@ -10,10 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-import megasyne  # noqa: F401
 import torch
 import torch.distributed as dist
 
+import megasyne  # noqa: F401
 from megasyne.checkpoint.dist import load_checkpoint, read_manifest
 from megasyne.model.builder import build_model
 from megasyne.model.config import LlamaConfig

@@ -91,4 +91,4 @@ def launch(root: Path, run: str, *overrides: str, kill_at_step: int | None = Non
 
 
 def records(root: Path, run: str) -> list[dict]:
-    return [json.loads(l) for l in (root / run / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines()]

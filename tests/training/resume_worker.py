@@ -10,9 +10,9 @@ import json
 import os
 import sys
 
-import megasyne  # noqa: F401
 import torch.distributed as dist
 
+import megasyne  # noqa: F401
 from megasyne.checkpoint.dist import load_checkpoint, save_checkpoint
 from megasyne.model.builder import build_model
 from megasyne.model.presets import tiny_debug

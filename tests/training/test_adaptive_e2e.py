@@ -34,7 +34,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("adaptive")
     train, held = [], []
     for topic, name in enumerate(FILES):
-        docs = [json.loads(l) for l in (CORPUS / f"{name}.jsonl").open(encoding="utf-8")][:48]
+        docs = [json.loads(line) for line in (CORPUS / f"{name}.jsonl").open(encoding="utf-8")][:48]
         for j, d in enumerate(docs):
             (held if j % 6 == 5 else train).append(dict(text=d["text"], topic=topic))
     train_byte_level_bpe((d["text"] for d in train), 512, root / "tokenizer.json")

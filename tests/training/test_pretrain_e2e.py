@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from tests.launch import REPO_ROOT
-from tests.training.pretrain_launch import G, SEQ, STAGE1_STEPS, STEPS, launch, make_run_files, records
+from tests.training.pretrain_launch import SEQ, STAGE1_STEPS, STEPS, G, launch, make_run_files, records
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
 import urllib.error
@@ -134,7 +133,7 @@ class OpenAIChatBackend:
                 if exc.code not in RETRY_STATUS and exc.code < 500:
                     break
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
-            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 last = f"{type(exc).__name__} from {self.url}: {getattr(exc, 'reason', exc)}"
             except (KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
                 last = f"malformed response from {self.url}: {type(exc).__name__} {exc}"

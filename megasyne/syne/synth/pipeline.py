@@ -33,7 +33,11 @@ from pathlib import Path
 from megasyne.atomic import atomic_write_json, atomic_write_text
 from megasyne.jsonl import read_jsonl
 from megasyne.syne.synth.filters import (  # SynthError: defined there, the lowest module
-    Contamination, NearDuplicates, SynthError, parse_qa, validate,
+    Contamination,
+    NearDuplicates,
+    SynthError,
+    parse_qa,
+    validate,
 )
 from megasyne.syne.synth.templates import Disciplines
 

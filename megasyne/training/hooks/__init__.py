@@ -35,7 +35,7 @@ class Hook:
         """Whether to run after ``step`` optimizer steps (0: before the first step of a fresh run)."""
         raise NotImplementedError
 
-    def run(self, step: int, ctx: "HookContext") -> Any:
+    def run(self, step: int, ctx: HookContext) -> Any:
         """Do the work; the result (if not None) is logged under ``key``."""
         raise NotImplementedError
 
@@ -51,7 +51,7 @@ class Hook:
 class HookContext:
     """What hooks see at a step: the trainer and the step's metrics record."""
 
-    trainer: "Trainer"
+    trainer: Trainer
     record: dict
 
     def validation(self) -> dict:
@@ -61,7 +61,7 @@ class HookContext:
         return self.record["eval"]
 
 
-def build_hooks(trainer: "Trainer") -> list[Hook]:
+def build_hooks(trainer: Trainer) -> list[Hook]:
     """The hooks a run's config asks for, in the order they run at a step."""
     from megasyne.training.config import ConfigError
 
