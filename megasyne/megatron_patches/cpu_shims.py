@@ -25,6 +25,20 @@ import torch
 
 _INSTALLED = False
 _CUDA_DEVICE_NAMES = ("cuda",)
+# Where "cuda" goes: the CPU, or the meta device inside `cuda_maps_to("meta")` (a dry run that
+# builds and runs a rank's model without allocating it, see megasyne.planning).
+_TARGET = [torch.device("cpu")]
+
+
+@contextlib.contextmanager
+def cuda_maps_to(device):
+    """Inside the block, the patched modules' "cuda" is ``device`` (e.g. ``"meta"``)."""
+    old = _TARGET[0]
+    _TARGET[0] = torch.device(device)
+    try:
+        yield
+    finally:
+        _TARGET[0] = old
 
 
 def _cpu_device(device):
@@ -32,9 +46,9 @@ def _cpu_device(device):
     if device is None:
         return None
     if isinstance(device, int):
-        return torch.device("cpu")
+        return _TARGET[0]
     dev = torch.device(device)
-    return torch.device("cpu") if dev.type in _CUDA_DEVICE_NAMES else dev
+    return _TARGET[0] if dev.type in _CUDA_DEVICE_NAMES else dev
 
 
 class _CudaOnCpu:
@@ -43,7 +57,7 @@ class _CudaOnCpu:
     @staticmethod
     def current_device():
         # Used as `device=torch.cuda.current_device()` and `.to(torch.cuda.current_device())`.
-        return torch.device("cpu")
+        return _TARGET[0]
 
     @staticmethod
     def synchronize(*_args, **_kwargs):

@@ -65,6 +65,30 @@ def init_parallel(dims: ParallelDims, *, seed: int = 1234, timeout_s: float = 60
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def init_rehearsal(dims: ParallelDims, *, rank: int, seed: int = 1234) -> None:
+    """Process groups of ``dims`` at its full world size inside this one process, playing
+    ``rank``: torch's fake backend (every collective returns at once, nothing is exchanged),
+    for a dry run that builds a rank's model on the meta device and runs every set-up check of
+    the real layout without its GPUs. Megatron's gloo side groups are not created (they would
+    need real peers)."""
+    from megatron.core import parallel_state, tensor_parallel
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if not 0 <= rank < dims.world_size:
+        raise ParallelConfigError(f"rank {rank} outside the world of {dims.world_size}")
+    megatron_patches.apply_cpu_shims()
+    destroy_parallel()
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=dims.world_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=dims.vp_size,
+        context_parallel_size=dims.cp,
+        create_gloo_process_groups=False,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 

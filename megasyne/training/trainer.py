@@ -28,14 +28,14 @@ from megasyne.errors import TrainingError
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.parallel.init import comm_device, init_parallel, launcher_world
 from megasyne.training import metrics as M
-from megasyne.training.batches import build_index_on_rank0, check_vocabulary, micro_batches
+from megasyne.training.batches import build_index_on_rank0, micro_batches
 from megasyne.training.config import ConfigError, TrainConfig, dump_config
 from megasyne.training.data_state import RunData
 from megasyne.training.hooks import HookContext, build_hooks
 from megasyne.training.hooks.validation import Validator
 from megasyne.training.optim import build_optimizer, wrap_ddp
 from megasyne.training.run_lock import RunDirLock
-from megasyne.training.schedule import lr_at, stage_step_ranges
+from megasyne.training.run_plan import plan_run
 from megasyne.training.step import StepResult, gpt_forward_step, train_step
 
 print0 = M.print0
@@ -108,35 +108,13 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _build_data(self) -> None:
         """The recipe's index, and the steps and stages of this run, checked against the model."""
-        cfg, G = self.cfg, self.cfg.global_batch_size
+        cfg = self.cfg
         self.dataset = build_index_on_rank0(cfg.recipe, self.run_dir / "index", keep_stale=True)
         self.run_data = RunData(self.dataset, rebase_allowed=cfg.rebase_data,
                                 adaptive=cfg.adaptive is not None)
         self.seq_length = self.dataset.seq_length
-        try:
-            check_vocabulary(self.dataset, self.model_cfg.vocab_size, f"recipe {cfg.recipe}")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if self.seq_length > self.model_cfg.max_position_embeddings:
-            raise ConfigError(f"recipe seq_length {self.seq_length} exceeds the model's "
-                              f"max_position_embeddings {self.model_cfg.max_position_embeddings}")
-        # The LR schedule spans the whole recipe, also when stop_after_stage ends this run
-        # early: a stage-I-only run follows the same curve as the full run would.
-        self.run_steps = cfg.train_steps or len(self.dataset) // G
-        if self.run_steps * G > len(self.dataset):
-            raise ConfigError(f"train_steps {self.run_steps} x global_batch_size {G} needs "
-                              f"{self.run_steps * G} samples but the recipe {cfg.recipe} "
-                              f"provides {len(self.dataset)}")
-        self.stage_ranges = stage_step_ranges(self.dataset.stage_boundaries,
-                                              self.dataset.stage_names, G, self.run_steps)
-        named = [("stop_after_stage", cfg.stop_after_stage)] if cfg.stop_after_stage else []
-        named += [(f"stage_settings.{n}", n) for n in cfg.stage_settings]
-        for key, name in named:
-            if name not in self.stage_ranges:
-                raise ConfigError(f"{key}: the recipe {cfg.recipe} has no stage {name!r}; "
-                                  f"its stages are {list(self.stage_ranges)}")
-        self.total_steps = self.stage_ranges[cfg.stop_after_stage][1] \
-            if cfg.stop_after_stage else self.run_steps
+        self.plan = plan_run(cfg, self.dataset, self.model_cfg)
+        self.run_steps, self.total_steps = self.plan.run_steps, self.plan.total_steps
         self.sources = list(self.dataset.source_names)
 
     # ------------------------------------------------------------------ state
@@ -270,25 +248,12 @@ class Trainer:
         self.log.close()
         return dict(step=self.step, loss=self.last_loss, skipped_steps=self.skipped_steps)
 
-    def lr_at(self, step: int) -> tuple[float, str]:
-        """(LR, stage name) of optimizer step ``step`` (0-based): the stage's own schedule
-        where stage_settings names it, else the run's schedule over the whole recipe."""
-        G = self.cfg.global_batch_size
-        name = self.dataset.stage_names[self.dataset.stage_of(step * G)]
-        st = self.cfg.stage_settings.get(name)
-        if st is not None:
-            a, b = self.stage_ranges[name]
-            return lr_at(step - a, peak_lr=st.lr, min_lr=st.min_lr, total_steps=b - a,
-                         schedule=st.schedule), name
-        return lr_at(step, peak_lr=self.cfg.optim.lr, min_lr=self.cfg.optim.min_lr,
-                     total_steps=self.run_steps, schedule=self.cfg.schedule), name
-
     def train_one_step(self) -> dict:
         """One optimizer step on the next global batch; returns its metrics record."""
         from megatron.core import parallel_state as ps
 
         cfg = self.cfg
-        lr, stage = self.lr_at(self.step)
+        lr, stage = self.plan.lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = micro_batches(self.dataset, first_sample=self.step * cfg.global_batch_size,
