@@ -30,6 +30,7 @@ import errno
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -39,6 +40,7 @@ from megasyne.atomic import atomic_write_text
 from megasyne.checkpoint.integrity import digest_checkpoint, verify_checkpoint_files
 from megasyne.checkpoint.sharding import unwrap
 from megasyne.errors import CheckpointError  # (also imported from here by its callers)
+from megasyne.model.config import ModelConfigError, RopeScaling
 
 FORMAT = "megasyne-checkpoint/1"
 MANIFEST = "megasyne.json"
@@ -273,11 +275,25 @@ def check_model_compatible(manifest: dict, model_config: dict, path) -> None:
     fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "vocab_size", "tie_word_embeddings", "rope_theta",
               "rope_scaling", "norm_eps")
-    diffs = [f"{f}: checkpoint {saved.get(f)} vs run {model_config.get(f)}"
-             for f in fields if saved.get(f) != model_config.get(f)]
+    saved, run = _with_rope_defaults(saved), _with_rope_defaults(model_config)
+    diffs = [f"{f}: checkpoint {saved.get(f)} vs run {run.get(f)}"
+             for f in fields if saved.get(f) != run.get(f)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match the model of this run: "
                               + "; ".join(diffs))
+
+
+def _with_rope_defaults(model_config: dict) -> dict:
+    """``rope_scaling`` with every constant spelled out: a manifest that names only some of
+    them (the rest are Llama-3.1's) is the same model as one that names all."""
+    scaling = model_config.get("rope_scaling")
+    if not isinstance(scaling, dict):
+        return model_config
+    try:
+        full = asdict(RopeScaling.from_dict(scaling))
+    except ModelConfigError:
+        return model_config  # compared as written; the differing field is named
+    return {**model_config, "rope_scaling": full}
 
 
 def load_checkpoint(path: str | os.PathLike, chunks: list, *, optimizer=None,

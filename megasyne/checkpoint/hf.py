@@ -58,7 +58,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
     """(rope_theta, llama3 scaling) from transformers 5.x ``rope_parameters`` or 4.x
-    top-level ``rope_theta`` + ``rope_scaling`` (a 4.x config has no rope_parameters)."""
+    top-level ``rope_theta`` + ``rope_scaling`` (a 4.x config has no rope_parameters).
+
+    Read as transformers 5.x reads it: ``factor``, ``low_freq_factor`` and
+    ``high_freq_factor`` are required (transformers refuses a config without them), a missing
+    ``original_max_position_embeddings`` is the model's ``max_position_embeddings``.
+    """
     params = hf.get("rope_parameters") or {}
     spec = params or hf.get("rope_scaling") or {}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -67,19 +72,32 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
         return float(theta), None
     if rope_type != "llama3":
         raise HFConversionError(
-            f"config.json: unsupported rope type {rope_type!r}; megasyne (Megatron-Core RoPE) "
-            f"supports 'default' and Llama-3.1's 'llama3' scaling only")
+            f"config.json: unsupported rope type {rope_type!r}; megasyne supports 'default' "
+            f"and Llama-3-style 'llama3' scaling only")
+    where = "rope_parameters" if params else "rope_scaling"
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in spec]
+    if missing:
+        raise HFConversionError(f"config.json: {where} (rope_type llama3) lacks {missing}; "
+                                f"transformers needs them too")
+    original = spec.get("original_max_position_embeddings",
+                        hf.get("max_position_embeddings", 2048))
+    if isinstance(original, float) and original.is_integer():  # 8192.0: transformers takes it
+        original = int(original)
     try:
         scaling = RopeScaling(
-            factor=float(spec["factor"]),
-            low_freq_factor=float(spec.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(spec.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(spec.get("original_max_position_embeddings", 8192)))
-    except KeyError as exc:
-        raise HFConversionError(f"config.json: llama3 rope scaling lacks {exc}") from None
+            factor=_number(spec["factor"], where, "factor"),
+            low_freq_factor=_number(spec["low_freq_factor"], where, "low_freq_factor"),
+            high_freq_factor=_number(spec["high_freq_factor"], where, "high_freq_factor"),
+            original_max_position_embeddings=original)
     except ModelConfigError as exc:
-        raise HFConversionError(f"config.json: {exc}") from None
+        raise HFConversionError(f"config.json: {where}: {exc}") from None
     return float(theta), scaling
+
+
+def _number(value, where: str, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise HFConversionError(f"config.json: {where}.{key} must be a number, got {value!r}")
+    return float(value)
 
 
 def llama_config_from_hf(hf: dict, *, name: str = "hf") -> LlamaConfig:

@@ -16,6 +16,7 @@ from megasyne.errors import ConfigError
 from megasyne.model import accel, fusions
 from megasyne.model.config import LlamaConfig
 from megasyne.model.norm import RMSNorm
+from megasyne.model.rope import set_rope_frequencies
 from megasyne.parallel.dims import ParallelDims
 
 
@@ -197,13 +198,15 @@ def build_model(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRuntime = Mo
             share_embeddings_and_output_weights=cfg.tie_word_embeddings,
             position_embedding_type="rope",
             rotary_base=int(cfg.rope_theta) if float(cfg.rope_theta).is_integer() else cfg.rope_theta,
-            rope_scaling=cfg.rope_scaling is not None,
-            rope_scaling_factor=cfg.rope_scaling.factor if cfg.rope_scaling else 8.0,
+            # Megatron's own scaling hard-codes Llama-3.1's constants but the factor:
+            # the scaled frequencies are ours, set just below.
+            rope_scaling=False,
             vp_stage=stage,
             use_triton_cross_entropy=runtime.kernels_on,
             real_vocab_size=cfg.vocab_size,
         )
         model.llama_config = cfg
+        set_rope_frequencies(model, cfg)
         if not runtime.init_weights:
             _mark_tensor_parallel_params(model)
         chunks.append(model)

@@ -7,6 +7,7 @@ Megatron-Core ``GPTModel``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from megasyne.errors import ConfigError
@@ -18,7 +19,11 @@ class ModelConfigError(ConfigError):
 
 @dataclass(kw_only=True, frozen=True)
 class RopeScaling:
-    """Llama-3.1 ("llama3") RoPE frequency scaling."""
+    """Llama-3-style ("llama3") RoPE frequency scaling, any constants (defaults: Llama-3.1's).
+
+    The frequencies are computed by ``megasyne.model.rope.llama3_inv_freq`` (transformers'
+    formula). A model config saved without some of these fields reads them as Llama-3.1's.
+    """
 
     factor: float = 8.0
     """How much the context was extended (8 for Llama-3.1: 8192 -> 131072)."""
@@ -30,18 +35,33 @@ class RopeScaling:
     """Context length of the model before the extension."""
 
     def __post_init__(self):
-        if self.factor <= 1.0:
-            raise ModelConfigError(f"rope_scaling.factor must be > 1, got {self.factor}")
-        # Megatron-Core's RotaryEmbedding._apply_scaling hard-codes these three values
-        # (megatron-core 0.16.1); any other value would be silently ignored, so refuse it.
-        if (self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings) \
-                != (1.0, 4.0, 8192):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ModelConfigError(f"rope_scaling.{name} must be a positive number, "
+                                       f"got {value!r}")
+        original = self.original_max_position_embeddings
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ModelConfigError(f"rope_scaling.original_max_position_embeddings must be a "
+                                   f"positive integer, got {original!r}")
+        # transformers warns below 1: that would shorten the long wavelengths, not extend.
+        if self.factor < 1.0:
+            raise ModelConfigError(f"rope_scaling.factor must be >= 1 (the context extension), "
+                                   f"got {self.factor}")
+        # The interpolation divides by (high - low): equal values give NaN frequencies.
+        if self.high_freq_factor <= self.low_freq_factor:
             raise ModelConfigError(
-                "rope_scaling: only low_freq_factor=1, high_freq_factor=4, "
-                "original_max_position_embeddings=8192 (Llama-3.1's values) are supported by "
-                f"Megatron-Core's RoPE scaling; got {self.low_freq_factor}, "
-                f"{self.high_freq_factor}, {self.original_max_position_embeddings}"
-            )
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be greater than "
+                f"low_freq_factor ({self.low_freq_factor})")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RopeScaling:
+        """From a saved model config (fields it lacks take Llama-3.1's values)."""
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ModelConfigError(f"unknown rope_scaling fields: {sorted(unknown)}")
+        return cls(**d)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -67,7 +87,7 @@ class LlamaConfig:
     rope_theta: float = 500000.0
     """RoPE base frequency (Llama-3: 500000, Llama-2/TinyLlama: 10000)."""
     rope_scaling: RopeScaling | None = None
-    """Llama-3.1 frequency scaling, or None."""
+    """Llama-3-style frequency scaling, or None."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_word_embeddings: bool = False
@@ -99,7 +119,7 @@ class LlamaConfig:
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_method_std <= 0:
             raise ModelConfigError("model.rope_theta, norm_eps and init_method_std must be > 0")
         if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
 
     @property
     def head_dim(self) -> int:

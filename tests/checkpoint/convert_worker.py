@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 from megasyne.checkpoint.hf_convert import hf_to_megasyne
-from tests.checkpoint.hf_models import tokens
+from tests.checkpoint.hf_models import seq_length, tokens
 
 
 def convert(out: Path, cases: list[str]) -> None:
@@ -98,7 +98,7 @@ def load(out: Path, case: str, tp: int, pp: int) -> None:
     params = {}
     for c in chunks:
         params.update(gather_full_state(c, ps.get_tensor_model_parallel_group()))
-    logits = forward_logits(chunks, tokens(cfg.vocab_size), cfg.vocab_size)
+    logits = forward_logits(chunks, tokens(cfg.vocab_size, seq_length(case)), cfg.vocab_size)
     merged = _merge_ranks({**params, **({"__logits__": logits} if logits is not None else {})}
                           if first else None)
     if dist.get_rank() == 0:

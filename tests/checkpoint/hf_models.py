@@ -14,6 +14,8 @@ import torch
 
 LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_CUSTOM_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5,
+                      "high_freq_factor": 2.0, "original_max_position_embeddings": 256}
 
 # name -> (transformers.LlamaConfig kwargs, how it is stored, dtype)
 CASES = {
@@ -32,7 +34,19 @@ CASES = {
                           max_position_embeddings=16384, rope_theta=500000.0,
                           rope_scaling=LLAMA31_ROPE, tie_word_embeddings=True),
                      "bin-sharded", torch.float32),
+    # Llama-3-style scaling with constants that are all unlike Llama-3.1's (the kind a
+    # context-extended derivative has), chosen so that the three bands of the formula all
+    # occur: head dim 32 and theta 1e4 give wavelengths 6.3 ... 35333, the band edges are
+    # 256 / 2 = 128 and 256 / 0.5 = 512. Its test batch runs past the original context.
+    "llama3_custom": (dict(vocab_size=512, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                           max_position_embeddings=1024, rope_theta=10000.0,
+                           rope_scaling=LLAMA3_CUSTOM_ROPE),
+                      "safetensors", torch.float32),
 }
+# Length of each case's test batch (default 12): past original_max_position_embeddings,
+# where the scaled low frequencies decide the attention pattern.
+SEQ_LENGTHS = {"llama3_custom": 320}
 
 
 def make_hf_model(case: str, path: Path, seed: int = 0) -> Path:
@@ -70,12 +84,16 @@ def make_hf_model(case: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def tokens(vocab_size: int) -> torch.Tensor:
-    """The fixed [2, 12] batch every logit comparison uses."""
-    return torch.randint(0, vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+def seq_length(case: str) -> int:
+    return SEQ_LENGTHS.get(case, 12)
 
 
-def hf_logits(path: Path) -> torch.Tensor:
+def tokens(vocab_size: int, length: int = 12) -> torch.Tensor:
+    """The fixed [2, length] batch every logit comparison uses."""
+    return torch.randint(0, vocab_size, (2, length), generator=torch.Generator().manual_seed(7))
+
+
+def hf_logits(path: Path, length: int = 12) -> torch.Tensor:
     """transformers' logits on ``tokens`` in fp32 (weights upcast), eager attention (the
     same math as Megatron's; SDPA differs from both by fp32 summation order only)."""
     import transformers
@@ -83,4 +101,4 @@ def hf_logits(path: Path) -> torch.Tensor:
     model = transformers.LlamaForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
-        return model(tokens(model.config.vocab_size)).logits.float()
+        return model(tokens(model.config.vocab_size, length)).logits.float()

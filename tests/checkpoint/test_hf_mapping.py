@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from megasyne.checkpoint.hf import (
     to_megatron,
     validate_hf,
 )
+from megasyne.model.config import RopeScaling
 from megasyne.model.presets import llama3_1_8b, tiny_debug, tiny_debug_mha, tinyllama_1_1b
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -58,7 +60,42 @@ def test_rope_is_read_from_both_transformers_spellings():
                                                      "rope_theta": 1e5})).rope_scaling is None
 
 
-@pytest.mark.parametrize("preset", [llama3_1_8b, tinyllama_1_1b, tiny_debug_mha])
+
+CUSTOM_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5,
+               "high_freq_factor": 2.0, "original_max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("spelling", ["v4", "v5", "v5-theta-outside"])
+def test_any_llama3_constants_are_read_as_transformers_reads_them(spelling):
+    import transformers
+
+    hf = {"v4": _hf(rope_theta=10000.0, rope_scaling=dict(CUSTOM_ROPE)),
+          "v5": _hf(rope_parameters=dict(CUSTOM_ROPE, rope_theta=10000.0)),
+          "v5-theta-outside": _hf(rope_theta=10000.0, rope_parameters=dict(CUSTOM_ROPE))}[spelling]
+    cfg = llama_config_from_hf(hf)
+    ref = transformers.LlamaConfig(**hf).rope_parameters
+    assert cfg.rope_theta == ref["rope_theta"] == 10000.0
+    assert asdict(cfg.rope_scaling) == {k: ref[k] for k in asdict(cfg.rope_scaling)}
+    assert asdict(cfg.rope_scaling) == {k: v for k, v in CUSTOM_ROPE.items() if k != "rope_type"}
+
+
+def test_a_missing_original_context_is_max_position_embeddings_as_in_transformers():
+    import transformers
+
+    spec = {k: v for k, v in CUSTOM_ROPE.items() if k != "original_max_position_embeddings"}
+    hf = _hf(rope_theta=10000.0, rope_scaling=spec, max_position_embeddings=1024)
+    assert llama_config_from_hf(hf).rope_scaling.original_max_position_embeddings == \
+        transformers.LlamaConfig(**hf).rope_parameters["original_max_position_embeddings"] == 1024
+
+
+def _custom_rope_preset():
+    return tiny_debug_mha(rope_scaling=RopeScaling(
+        factor=4.0, low_freq_factor=0.5, high_freq_factor=2.0,
+        original_max_position_embeddings=256), max_position_embeddings=1024)
+
+
+@pytest.mark.parametrize("preset", [llama3_1_8b, tinyllama_1_1b, tiny_debug_mha,
+                                    _custom_rope_preset])
 @pytest.mark.parametrize("style", ["none", "v4", "v5"])
 def test_config_round_trips_through_config_json(preset, style):
     cfg = preset()
@@ -89,6 +126,9 @@ def test_written_config_is_what_transformers_reads():
     assert hf.rope_parameters["rope_type"] == "llama3"
     assert hf.rope_parameters["rope_theta"] == 500000.0 and hf.rope_parameters["factor"] == 8.0
     assert (hf.num_key_value_heads, hf.vocab_size, hf.tie_word_embeddings) == (8, 128256, False)
+    custom = _custom_rope_preset()
+    hf = transformers.LlamaConfig(**hf_config_from_llama(custom, dtype=torch.float32))
+    assert {k: hf.rope_parameters[k] for k in CUSTOM_ROPE} == CUSTOM_ROPE
 
 
 @pytest.mark.parametrize("over,message", [
@@ -96,7 +136,13 @@ def test_written_config_is_what_transformers_reads():
     (dict(architectures=["LlamaForSequenceClassification"]), "do not include 'LlamaForCausalLM'"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "unsupported rope type 'yarn'"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "unsupported rope type 'linear'"),
-    (dict(rope_scaling=dict(LLAMA3_ROPE, low_freq_factor=2.0)), "low_freq_factor=1"),
+    (dict(rope_scaling=dict(LLAMA3_ROPE, low_freq_factor=4.0)),
+     "rope_scaling: rope_scaling.high_freq_factor (4.0) must be greater than low_freq_factor"),
+    (dict(rope_parameters={k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}),
+     "rope_parameters (rope_type llama3) lacks ['low_freq_factor']"),
+    (dict(rope_scaling=dict(LLAMA3_ROPE, factor="8")), "rope_scaling.factor must be a number"),
+    (dict(rope_scaling=dict(LLAMA3_ROPE, original_max_position_embeddings=-1)),
+     "original_max_position_embeddings must be a positive integer, got -1"),
     (dict(attention_bias=True), "attention_bias=true is not supported"),
     (dict(head_dim=32), "head_dim 32 x 8 heads != hidden_size 64"),
     (dict(hidden_act="gelu"), "hidden_act 'gelu'"),

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from megasyne.model.config import ModelConfigError, RopeScaling
+from megasyne.model.config import LlamaConfig, ModelConfigError, RopeScaling
 from megasyne.model.presets import PRESETS, get_preset, llama3_1_8b, llama3_8b, tinyllama_1_1b
 from tests.launch import REPO_ROOT
 
@@ -75,9 +75,53 @@ def test_bad_architectures_name_the_field(overrides, message):
         get_preset("tiny_debug", **overrides)
 
 
-def test_rope_scaling_values_megatron_ignores_are_refused():
-    with pytest.raises(ModelConfigError, match="low_freq_factor=1"):
-        RopeScaling(factor=8.0, low_freq_factor=2.0)
+def test_rope_scaling_takes_any_llama3_constants():
+    s = RopeScaling(factor=4.0, low_freq_factor=0.5, high_freq_factor=2.0,
+                    original_max_position_embeddings=256)
+    cfg = get_preset("tiny_debug", rope_scaling=s)
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg  # the manifest's way
+    assert RopeScaling(factor=1.0).factor == 1.0  # transformers accepts 1 silently
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(factor=0.5), "rope_scaling.factor must be >= 1"),
+    (dict(factor=float("nan")), "rope_scaling.factor must be a positive number"),
+    (dict(low_freq_factor=0.0), "rope_scaling.low_freq_factor must be a positive number"),
+    (dict(high_freq_factor=-4.0), "rope_scaling.high_freq_factor must be a positive number"),
+    (dict(high_freq_factor="4"), "rope_scaling.high_freq_factor must be a positive number"),
+    (dict(low_freq_factor=4.0), "high_freq_factor (4.0) must be greater than low_freq_factor (4.0)"),
+    (dict(low_freq_factor=2.0, high_freq_factor=1.0), "must be greater than low_freq_factor"),
+    (dict(original_max_position_embeddings=0), "original_max_position_embeddings must be a "
+                                                "positive integer"),
+    (dict(original_max_position_embeddings=8192.5), "original_max_position_embeddings"),
+    (dict(original_max_position_embeddings=True), "original_max_position_embeddings"),
+])
+def test_bad_rope_scaling_names_the_field(fields, message):
+    with pytest.raises(ModelConfigError) as info:
+        RopeScaling(**fields)
+    assert message in str(info.value)
+
+
+def test_a_saved_config_without_the_scaling_constants_reads_them_as_llama31():
+    """Model configs that name only the factor (as Megatron-Core's scaling took it) are
+    Llama-3.1's scaling; unknown fields are refused by name."""
+    d = llama3_1_8b().to_dict()
+    d["rope_scaling"] = {"factor": 8.0}
+    assert LlamaConfig.from_dict(d) == llama3_1_8b()
+    d["rope_scaling"] = {"factor": 8.0, "beta_fast": 32}
+    with pytest.raises(ModelConfigError, match="unknown rope_scaling fields: .'beta_fast'."):
+        LlamaConfig.from_dict(d)
+
+
+def test_checkpoint_architecture_check_compares_the_rope_constants():
+    from megasyne.checkpoint.dist import CheckpointError, check_model_compatible
+
+    run = llama3_1_8b().to_dict()
+    partial = dict(run, rope_scaling={"factor": 8.0})  # an older manifest's spelling
+    check_model_compatible({"model": partial}, run, "ckpt")  # the same model
+    other = dict(run, rope_scaling=dict(run["rope_scaling"], original_max_position_embeddings=4096))
+    with pytest.raises(CheckpointError, match="rope_scaling: checkpoint .*4096"):
+        check_model_compatible({"model": other}, run, "ckpt")
 
 
 def test_flops_per_token_matches_6n_rule_for_8b():
