@@ -182,7 +182,7 @@ class GroupedMixture:
         return {name: m.state_dict() for name, m in self.mixtures.items()}
 
     def load_state_dict(self, state: Mapping) -> None:
-        if not isinstance(state, Mapping) or list(state) != list(self.mixtures):
+        if not isinstance(state, Mapping) or set(state) != set(self.mixtures):
             got = list(state) if isinstance(state, Mapping) else state
             raise AdaptiveMixtureError(f"adaptive state has groups {got}, this run has "
                                        f"{list(self.mixtures)}: resume with the same "
