@@ -41,7 +41,8 @@ class AdaptiveMixtureError(ConfigError):
     """A bad adaptive-mixture configuration or measurement (the message names the field/topic)."""
 
 
-def _per_topic(value, topics: tuple[str, ...], name: str, default: float) -> tuple[float, ...]:
+def _per_topic(value, topics: tuple[str, ...], name: str, default: float,
+               where: str = "adaptive") -> tuple[float, ...]:
     """A scalar, a {topic: value} mapping (missing -> default) or None, as one float per topic."""
     if value is None:
         return tuple(float(default) for _ in topics)
@@ -50,10 +51,10 @@ def _per_topic(value, topics: tuple[str, ...], name: str, default: float) -> tup
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(topics))
         if unknown:
-            raise AdaptiveMixtureError(f"adaptive.{name}: unknown topics {unknown} "
+            raise AdaptiveMixtureError(f"{where}.{name}: unknown topics {unknown} "
                                        f"(topics: {list(topics)})")
         return tuple(float(value.get(t, default)) for t in topics)
-    raise AdaptiveMixtureError(f"adaptive.{name}: expected a number or a {{topic: number}} "
+    raise AdaptiveMixtureError(f"{where}.{name}: expected a number or a {{topic: number}} "
                                f"mapping, got {type(value).__name__}")
 
 
@@ -76,43 +77,47 @@ class AdaptiveConfig:
     min_factor: float = 1e-3
     """Floor for f_i (only reachable with normalise='none' or alpha * w_i >= 1): a topic's ratio
     never drops to 0 in one step."""
+    where: str = "adaptive"
+    """The config path that errors name (``adaptive.groups.zh_web`` for a topic group)."""
 
     def __post_init__(self) -> None:
+        at = self.where
         topics = tuple(str(t) for t in self.topics)
         object.__setattr__(self, "topics", topics)
         if not topics or len(set(topics)) != len(topics):
-            raise AdaptiveMixtureError(f"adaptive.topics must be distinct and non-empty: {topics}")
-        if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise AdaptiveMixtureError(f"adaptive.alpha must be a finite number >= 0, got {self.alpha}")
+            raise AdaptiveMixtureError(f"{at}.topics must be distinct and non-empty: {topics}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise AdaptiveMixtureError(f"{at}.alpha must be a finite number >= 0, got {self.alpha!r}")
         if self.normalise not in NORMALISE_MODES:
-            raise AdaptiveMixtureError(f"adaptive.normalise must be one of {NORMALISE_MODES}, "
+            raise AdaptiveMixtureError(f"{at}.normalise must be one of {NORMALISE_MODES}, "
                                        f"got {self.normalise!r}")
         if not 0 < self.min_factor <= 1:
-            raise AdaptiveMixtureError(f"adaptive.min_factor must be in (0, 1], got {self.min_factor}")
+            raise AdaptiveMixtureError(f"{at}.min_factor must be in (0, 1], got {self.min_factor}")
         w, lo, hi = self.w, self.lo, self.hi
         for name, vec in (("weights", w), ("lower", lo), ("upper", hi)):
             for t, v in zip(topics, vec):
                 if not math.isfinite(v) or v < 0:
-                    raise AdaptiveMixtureError(f"adaptive.{name}.{t}: must be finite and >= 0, got {v}")
+                    raise AdaptiveMixtureError(f"{at}.{name}.{t}: must be finite and >= 0, got {v}")
         for t, a, b in zip(topics, lo, hi):
             if a > b or b > 1:
-                raise AdaptiveMixtureError(f"adaptive bounds of {t}: need 0 <= lower <= upper <= 1, "
+                raise AdaptiveMixtureError(f"{at} bounds of {t}: need 0 <= lower <= upper <= 1, "
                                            f"got [{a}, {b}]")
         if sum(lo) > 1 + 1e-12 or sum(hi) < 1 - 1e-12:
-            raise AdaptiveMixtureError(f"adaptive bounds are infeasible: sum(lower) = {sum(lo):.6g} "
+            raise AdaptiveMixtureError(f"{at} bounds are infeasible: sum(lower) = {sum(lo):.6g} "
                                        f"must be <= 1 <= sum(upper) = {sum(hi):.6g}")
 
     @property
     def w(self) -> tuple[float, ...]:
-        return _per_topic(self.weights, self.topics, "weights", 1.0)
+        return _per_topic(self.weights, self.topics, "weights", 1.0, self.where)
 
     @property
     def lo(self) -> tuple[float, ...]:
-        return _per_topic(self.lower, self.topics, "lower", 0.0)
+        return _per_topic(self.lower, self.topics, "lower", 0.0, self.where)
 
     @property
     def hi(self) -> tuple[float, ...]:
-        return _per_topic(self.upper, self.topics, "upper", 1.0)
+        return _per_topic(self.upper, self.topics, "upper", 1.0, self.where)
 
 
 @dataclass(kw_only=True)

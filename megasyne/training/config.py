@@ -108,7 +108,8 @@ class TrainConfig:
     stage_settings: dict = field(default_factory=dict)
     """Recipe stage name -> StageSettings (its own LR and schedule inside that stage)."""
     adaptive: AdaptiveTrainConfig | None = None
-    """Adaptive topic mixture (megasyne.training.adaptive); needs eval_recipe."""
+    """Adaptive topic mixture (megasyne.training.hooks.adaptive_mixture): one group of topics
+    or several (``groups``, e.g. per language); needs eval_recipe."""
     bench_eval: BenchEvalConfig | None = None
     """Benchmark accuracy during training (megasyne.training.bench_eval): a fixed
     multiple-choice subset scored every interval_steps (any TP/PP/DP, no virtual stages)."""
@@ -273,7 +274,7 @@ def from_dict(raw: dict, *, base_dir: str | os.PathLike = ".") -> TrainConfig:
         from megasyne.training.hooks.adaptive_mixture import AdaptiveTrainConfig
 
         kwargs["adaptive"] = _section("adaptive", AdaptiveTrainConfig, kwargs["adaptive"],
-                                      hint=" (topics, interval_steps, alpha, ...)")
+                                      hint=" (topics or groups, interval_steps, alpha, ...)")
     if kwargs.get("bench_eval") is not None:
         from megasyne.training.hooks.bench_probe import BenchEvalConfig
 
@@ -317,6 +318,6 @@ def dump_config(cfg: TrainConfig, path: Path) -> None:
     data = cfg.to_dict()
     data["fault_nan_steps"] = list(data["fault_nan_steps"])
     data["fresh_start"] = False  # done by this launch; the record must not repeat it
-    if data.get("adaptive"):
+    if data.get("adaptive") and data["adaptive"].get("topics") is not None:
         data["adaptive"]["topics"] = list(data["adaptive"]["topics"])
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

@@ -92,8 +92,9 @@ class MetricsLog:
             for name, value in (record.get("eval") or {}).items():
                 self.tb.add_scalar(f"eval/{name}", value, record["step"])
             decision = record.get("adaptive") or {}
-            for topic, ratio in zip(decision.get("topics", []), decision.get("new_ratios", [])):
-                self.tb.add_scalar(f"adaptive_ratio/{topic}", ratio, record["step"])
+            for group in (decision.get("groups") or {"": decision}).values():
+                for topic, ratio in zip(group.get("topics", []), group.get("new_ratios", [])):
+                    self.tb.add_scalar(f"adaptive_ratio/{topic}", ratio, record["step"])
             self.tb.flush()
 
     def close(self) -> None:

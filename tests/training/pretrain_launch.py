@@ -77,17 +77,45 @@ def launch(root: Path, run: str, *overrides: str, kill_at_step: int | None = Non
         metrics, deadline = root / run / "metrics.jsonl", time.time() + 300
         while time.time() < deadline and proc.poll() is None:
             if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at_step:
-                # torchrun starts each rank in its own session: kill the whole tree.
-                import psutil
-
-                tree = psutil.Process(proc.pid).children(recursive=True)
-                for p in tree:
-                    p.send_signal(signal.SIGKILL)
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_tree(proc.pid)
                 break
             time.sleep(0.02)
     out, err = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and its ranks (torchrun starts each rank in its own session)."""
+    import psutil
+
+    for p in psutil.Process(pid).children(recursive=True):
+        p.send_signal(signal.SIGKILL)
+    os.killpg(pid, signal.SIGKILL)
+
+
+def launch_nodes(root: Path, run: str, torchrun_args: list[str], *overrides: str,
+                 nnodes: int = 2, config: str = "base.yaml", timeout: float = 600):
+    """Run pretrain_syne.py as ``nnodes`` separate torchrun launchers, like one per node of a
+    multi-node job, all with the same ``torchrun_args`` (``--nnodes`` and a c10d rendezvous;
+    e.g. what examples/syne/slurm_torchrun.sh builds). Returns each launcher's result."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_args, "pretrain_syne.py",
+           "--config", str(root / config), "--set", f"run_dir={root / run}", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for _ in range(nnodes)]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # e.g. a launcher left waiting for the rendezvous
+            for p in procs:
+                if p.poll() is None:
+                    _kill_tree(p.pid)
+            out, err = proc.communicate()
+        results.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    return results
 
 
 def records(root: Path, run: str) -> list[dict]:

@@ -45,6 +45,14 @@ def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
     (["adaptive={topics: [a], interval_steps: 5, beta: 1}"], "unknown keys in adaptive: \\['beta'\\]"),
     (["eval_recipe=recipe.yaml", "adaptive={topics: [a, b], interval_steps: 0}"],
      "adaptive.interval_steps must be >= 1"),
+    (["eval_recipe=recipe.yaml", "adaptive={topics: [a], groups: {g: {topics: [b]}}, "
+      "interval_steps: 5}"], "give either topics: \\[...\\] \\(one group\\) or groups"),
+    (["eval_recipe=recipe.yaml", "adaptive={groups: {zh: {topics: [a, b]}, en: {topics: [b]}}, "
+      "interval_steps: 5}"], "topic 'b' is in two groups, adaptive.groups.zh and adaptive.groups.en"),
+    (["eval_recipe=recipe.yaml", "adaptive={groups: {zh: {topics: [a], interval_steps: 2}}, "
+      "interval_steps: 5}"], "unknown keys in adaptive.groups.zh: \\['interval_steps'\\]"),
+    (["eval_recipe=recipe.yaml", "adaptive={groups: {zh: {topics: [a, b], upper: 0.4}}, "
+      "interval_steps: 5}"], "adaptive.groups.zh bounds are infeasible"),
     (["model=init_checkpoint"], "model: init_checkpoint needs init_checkpoint"),
     (["bench_eval={tasks: nowhere.yaml, tokenizer: ., interval_steps: 5}"],
      "bench_eval: tasks: not found"),
@@ -58,6 +66,18 @@ def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
 def test_bad_values_fail_with_the_key(config_file, overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(str(config_file), overrides)
+
+
+def test_adaptive_groups_round_trip(config_file, tmp_path):
+    """The grouped form of adaptive (per-group overrides) survives config.yaml and reloads equal."""
+    cfg = load_config(str(config_file), [
+        "eval_recipe=recipe.yaml", "adaptive={groups: {zh_web: {topics: [zh_a, zh_b], alpha: 0.2}, "
+        "en_web: {topics: [en_a, en_b, en_c]}}, interval_steps: 5, upper: 0.9}"])
+    rules = cfg.adaptive.rules()
+    assert list(rules) == ["zh_web", "en_web"] and rules["zh_web"].topics == ("zh_a", "zh_b")
+    assert (rules["zh_web"].alpha, rules["en_web"].alpha, rules["en_web"].hi) == (0.2, 0.5, (0.9,) * 3)
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(str(tmp_path / "resolved.yaml")) == cfg
 
 
 def test_world_size_is_the_launchers(config_file, monkeypatch):
