@@ -16,7 +16,9 @@ rest is written as JSONL with provenance, ready for tools/preprocess_data.py (ke
         --output /tmp/qa.jsonl --hf-model "$(python tools/prepare_smollm2.py)"
     # then: python tools/preprocess_data.py --input synth/qa.jsonl --json-keys text ...
 
-Interrupted runs continue where they stopped (same command). The API key is read from the
+Interrupted runs continue where they stopped (same command): answers that came back are never
+requested again; requests that failed after --retries are listed in <output>.failures.jsonl and
+requested again by the next run. The API key is read from the
 environment variable named by --api-key-env (default OPENAI_API_KEY), never from the command line.
 Prints the run report (also <output>.report.json).
 """
@@ -56,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hf-model", help="local transformers model directory")
     b.add_argument("--model", help="model name sent to the API")
     b.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--concurrency", type=int, default=8,
+                   help="HTTP requests in flight at all times")
+    b.add_argument("--window", type=int, default=None,
+                   help="most requests started past the oldest unfinished one "
+                        "(default 4 x --concurrency)")
     b.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     b.add_argument("--retries", type=int, default=4)
     b.add_argument("--backoff", type=float, default=1.0, help="first retry delay (s)")
@@ -78,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-items", type=int, default=None, help="stop after this many items")
     f.add_argument("--restart", action="store_true", help="discard earlier output and state")
     f.add_argument("--no-progress", action="store_true")
-    f.add_argument("--debug-kill-after-items", type=int, default=None, help=argparse.SUPPRESS)
+    f.add_argument("--debug-kill-after-responses", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency, timeout=args.timeout, max_retries=args.retries,
                 backoff=args.backoff, temperature=args.temperature, top_p=args.top_p,
                 max_tokens=args.max_tokens)
-            chunk = 4 * args.concurrency
+            window = args.window
         else:
             from megasyne.syne.synth.generators import TransformersBackend
 
@@ -129,16 +135,16 @@ def main(argv: list[str] | None = None) -> int:
             backend = TransformersBackend(args.hf_model, max_new_tokens=args.max_tokens,
                                           temperature=args.temperature, top_p=args.top_p,
                                           batch_size=args.batch_size)
-            chunk = args.batch_size
+            window = None
         cfg = SynthConfig(output=args.output, samples_per_snippet=args.samples,
                           snippet_chars=args.snippet_chars, min_snippet_chars=args.min_snippet_chars,
                           max_snippets_per_page=args.snippets_per_page,
                           benchmark_files=args.benchmark, contamination_n=args.ngram,
                           contamination_n_cjk=args.ngram_cjk, dedup_threshold=args.dedup_threshold,
-                          keep_truncated=args.keep_truncated, chunk=chunk,
+                          keep_truncated=args.keep_truncated, window=window,
                           max_items=args.max_items, restart=args.restart, rejects=args.rejects,
                           progress=not args.no_progress,
-                          kill_after_items=args.debug_kill_after_items)
+                          kill_after_responses=args.debug_kill_after_responses)
         report = run_synth(cfg, backend, disciplines, seeds, skipped)
     except MegasyneError as exc:
         return report(exc)
