@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate synthetic scientific problem + solution pairs from seed pages (SynE stage II data).
+"""Generate synthetic scientific (or programming) problem + solution pairs from seed pages (SynE stage II data).
 
 Seeds: scientific web pages as JSONL (``text`` + ``discipline``, or a ``topic`` from
 tools/label_topics.py), or a labelled .bin/.idx dataset. Prompts: one template per discipline
@@ -14,6 +14,11 @@ rest is written as JSONL with provenance, ready for tools/preprocess_data.py (ke
     # a local transformers model
     python tools/synth_qa.py --pages examples/syne/data/science_pages.jsonl \\
         --output /tmp/qa.jsonl --hf-model "$(python tools/prepare_smollm2.py)"
+    # code QA from LeetCode-style statements, checked against HumanEval / MBPP statements
+    python tools/synth_qa.py --pages examples/syne/code_seeds.jsonl \\
+        --disciplines examples/syne/code_disciplines.yaml --output synth/code_qa.jsonl \\
+        --openai-url http://127.0.0.1:8000/v1 --model mistralai/Mistral-7B-Instruct-v0.2 \\
+        --benchmark HumanEval.jsonl.gz mbpp/mbpp.jsonl --benchmark-fields prompt text
     # then: python tools/preprocess_data.py --input synth/qa.jsonl --json-keys text ...
 
 Interrupted runs continue where they stopped (same command): answers that came back are never
@@ -74,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", required=True, help="JSONL of kept pairs")
     f.add_argument("--benchmark", nargs="*", default=[],
                    help="benchmark files (.jsonl/.json/.txt, .gz ok) for the contamination check")
+    f.add_argument("--benchmark-fields", nargs="*", default=[],
+                   help="only these keys of JSON benchmark records (e.g. prompt text: HumanEval's "
+                        "and MBPP's problem statements); default every string")
     f.add_argument("--ngram", type=int, default=13, help="contamination n-gram (words)")
     f.add_argument("--ngram-cjk", type=int, default=20, help="contamination n-gram (CJK chars)")
     f.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
@@ -139,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SynthConfig(output=args.output, samples_per_snippet=args.samples,
                           snippet_chars=args.snippet_chars, min_snippet_chars=args.min_snippet_chars,
                           max_snippets_per_page=args.snippets_per_page,
-                          benchmark_files=args.benchmark, contamination_n=args.ngram,
+                          benchmark_files=args.benchmark,
+                          benchmark_fields=args.benchmark_fields, contamination_n=args.ngram,
                           contamination_n_cjk=args.ngram_cjk, dedup_threshold=args.dedup_threshold,
                           keep_truncated=args.keep_truncated, window=window,
                           max_items=args.max_items, restart=args.restart, rejects=args.rejects,

@@ -87,6 +87,37 @@ def gen_pair(group: int, variant: int) -> str:
 CHAOS = {0: "ok", 1: "500", 2: "503", 3: "429", 4: "stall"}
 
 
+CODE_A = ("Given a string of lowercase letters, return the first character that appears exactly "
+          "once in it, or an empty string when every character repeats.\nExample: \"leetcode\" -> \"l\"",
+          "Count every character with a dictionary, then scan the string again and return the first "
+          "character whose count is one.\n```python\ndef first_unique(s):\n    counts = {}\n"
+          "    for c in s:\n        counts[c] = counts.get(c, 0) + 1\n    for c in s:\n"
+          "        if counts[c] == 1:\n            return c\n    return ''\n```")
+CODE_B = ("Given a list of integers, return the length of the longest run of consecutive equal "
+          "values.\nExample: [1, 1, 2, 2, 2, 3] -> 3",
+          "Walk through the list once, keeping the length of the current run and the best seen.\n"
+          "```python\ndef longest_run(nums):\n    best = cur = 0\n    for i, x in enumerate(nums):\n"
+          "        cur = cur + 1 if i and nums[i - 1] == x else 1\n        best = max(best, cur)\n"
+          "    return best\n```")
+# the problem statement of task 12 of the MBPP fixture (examples/eval/fixture/mbpp), reused
+MBPP_COPY = "Write a function to find the second largest distinct number in a list."
+CODE_CASES = {
+    "code_good_a": pair(*CODE_A),
+    "code_good_b": pair(*CODE_B, style="markdown"),
+    "code_dup": pair(CODE_A[0].replace("Given a string", "For a string"), CODE_A[1]),
+    "code_nocode": pair(CODE_B[0].replace("equal", "identical"),
+                        "Keep a counter of the current run and the best run while walking the list "
+                        "once; reset the counter whenever the value changes."),
+    "code_syntax": pair("Given two sorted lists, return how many values appear in both of them, "
+                        "counting each common value once.\nExample: [1, 2, 4] and [2, 4, 5] -> 2",
+                        "Use two pointers.\n```python\ndef common(a, b)\n    return len(set(a) & set(b))\n```"),
+    "code_contam": pair(MBPP_COPY + " Return None when the list has fewer than two distinct values.",
+                        "Sort the distinct values.\n```python\ndef second_largest(nums):\n"
+                        "    d = sorted(set(nums))\n    return d[-2] if len(d) > 1 else None\n```"),
+}
+CASES.update(CODE_CASES)
+
+
 class FakeOpenAI:
     """``with FakeOpenAI() as srv: srv.url`` -> http://127.0.0.1:PORT/v1"""
 

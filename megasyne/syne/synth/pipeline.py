@@ -14,6 +14,10 @@ seed order. Files next to ``output`` (``out.jsonl``)::
     out.jsonl.run.json         the settings the items were made with (a resume must match them)
     out.jsonl.report.json      counts at every filter, this run and in total (written atomically)
 
+Filters (megasyne.syne.synth.filters), first to last: truncated, parse, validate, code block
+(code disciplines), contamination, near-duplicate; a seed snippet that overlaps a benchmark is
+not sent at all (outcome ``seed_contaminated``).
+
 Order: an HTTP backend keeps ``--concurrency`` requests in flight and answers come back in any
 order; they are judged in item order (an answer waits until those before it are back), so
 the near-duplicate filter, hence the kept set and the output file, do not depend on the order
@@ -44,6 +48,7 @@ from megasyne.syne.synth.filters import (  # SynthError: defined there, the lowe
     Contamination,
     NearDuplicates,
     SynthError,
+    parse_code,
     parse_qa,
     validate,
 )
@@ -76,6 +81,8 @@ class SynthConfig:
     min_snippet_chars: int = 200
     max_snippets_per_page: int = 2
     benchmark_files: list[str] = field(default_factory=list)
+    benchmark_fields: list[str] = field(default_factory=list)
+    """Only the strings under these keys of JSON benchmark records (empty: every string)."""
     contamination_n: int = 13
     contamination_n_cjk: int = 20
     dedup_threshold: float = 0.8
@@ -195,6 +202,7 @@ def _settings(cfg: SynthConfig, backend, disciplines: Disciplines) -> dict:
             "sampling": {k: getattr(backend, k, None) for k in
                          ("temperature", "top_p", "max_tokens", "max_new_tokens")},
             "benchmarks": sorted(os.path.abspath(b) for b in cfg.benchmark_files),
+            "benchmark_fields": sorted(cfg.benchmark_fields),
             **{k: getattr(cfg, k) for k in ("samples_per_snippet", "snippet_chars",
                                             "min_snippet_chars", "max_snippets_per_page",
                                             "contamination_n", "contamination_n_cjk",
@@ -218,7 +226,9 @@ def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[S
                          "--restart")
     # read before anything is written: a bad benchmark file leaves no run behind
     contamination = Contamination(cfg.benchmark_files, n=cfg.contamination_n,
-                                  n_cjk=cfg.contamination_n_cjk) if cfg.benchmark_files else None
+                                  n_cjk=cfg.contamination_n_cjk,
+                                  fields=tuple(cfg.benchmark_fields) or None) \
+        if cfg.benchmark_files else None
     files.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_path, settings, indent=2, ensure_ascii=False)
 
@@ -248,6 +258,12 @@ def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[S
 
     files.open()
     try:
+        if contamination is not None:  # a seed that overlaps a benchmark is not used at all
+            for it in [it for it in pending if contamination.match(it.snippet)]:
+                files.judged(it.key, "seed_contaminated", None, None)
+                done[it.key] = "seed_contaminated"
+                tally.outcome(it, "seed_contaminated")
+            pending = [it for it in pending if it.key not in done]
         _generate_in_order(pending, answers, backend, disciplines, cfg, files, judge)
     finally:
         files.close()
@@ -364,9 +380,14 @@ def _judge(it: Item, resp, disciplines: Disciplines, cfg: SynthConfig, contamina
     disc = disciplines[it.seed.discipline]
     limits = {k: getattr(disc, k) for k in ("min_problem_chars", "max_problem_chars",
                                              "min_solution_chars", "max_solution_chars")}
-    why = validate(pair, lang=it.seed.lang, seed=it.snippet, limits=limits)
+    why = validate(pair, lang=it.seed.lang, seed=it.snippet, limits=limits, kind=disc.kind)
     if why:
         return why, None
+    code = None
+    if disc.kind == "code":
+        code, why = parse_code(pair.solution)
+        if why:
+            return why, None
     if contamination is not None and contamination.match(pair.problem + "\n" + pair.solution):
         return "contaminated", None
     if dedup.duplicate_of(pair.problem + "\n" + pair.solution) is not None:
@@ -379,6 +400,7 @@ def _judge(it: Item, resp, disciplines: Disciplines, cfg: SynthConfig, contamina
         "lang": it.seed.lang, "seed_id": it.seed.id, "seed_source": it.seed.source,
         "snippet": it.snippet_index, "sample": it.sample, "model": backend.model_name,
         "backend": backend.name, "templates_sha256": disciplines.sha256,
+        **({"code": code} if code is not None else {}),
         "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     return "kept", record
