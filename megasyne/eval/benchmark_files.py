@@ -18,6 +18,10 @@ math       ``{train,test}/<type>/<n>.json`` (Hendrycks MATH) or                 
            ``{train,test}.jsonl``: {problem, solution (with \\boxed{}), level, type}
 humaneval  ``HumanEval.jsonl[.gz]``: {task_id, prompt, canonical_solution,       (all)
            test, entry_point}
+mbpp       ``mbpp.jsonl`` (the full set): {task_id, text, code, test_list,       test
+           test_setup_code, challenge_test_list}, or ``sanitized-mbpp.json``: a
+           JSON list of {task_id, prompt, code, test_imports, test_list}; splits
+           by task_id: prompt 1-10, test 11-510, validation 511-600, train 601-974
 =========  ====================================================================  ============
 
 Every loader returns ``{group: [doc, ...]}`` (group = subject for the multiple-choice sets,
@@ -340,4 +344,90 @@ def load_humaneval(root: str | Path, split: str | None = None) -> dict[str, list
         docs.append(doc)
     if not docs:
         raise EvalDataError(f"{path}: no problems")
+    return {"all": docs}
+
+
+# --------------------------------------------------------------------------- MBPP
+
+# The split of the MBPP paper (Austin et al. 2021) and of its published files, by task_id.
+MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600),
+               "train": (601, 974)}
+MBPP_FILES = ("mbpp.jsonl", "sanitized-mbpp.json")
+MBPP_FEWSHOT_FIRST = (2, 3, 4)
+"""The paper's 3-shot prompt (and lm-eval's ``mbpp`` task) uses tasks 2, 3, 4 as examples: the
+``prompt`` split lists them first, then its other tasks in id order."""
+
+
+def mbpp_file(root: Path) -> Path:
+    root = Path(root)
+    if root.is_file():
+        return root
+    for name in MBPP_FILES:
+        if (root / name).is_file():
+            return root / name
+    raise EvalDataError(f"mbpp: none of {', '.join(MBPP_FILES)} in {root}" if root.is_dir()
+                        else f"mbpp: {root} does not exist")
+
+
+def _str_list(rec: dict, key: str, where: str, *, required: bool) -> list[str]:
+    if key not in rec and not required:
+        return []
+    value = _field(rec, key, where, list)
+    if (required and not value) or not all(isinstance(v, str) for v in value):
+        raise EvalDataError(f"{where}: field '{key}' should be a {'non-empty ' if required else ''}"
+                            f"list of strings (Python assert statements)")
+    return value
+
+
+def _mbpp_records(path: Path) -> list[tuple[str, dict]]:
+    """[(where, record)] of the full jsonl or the sanitized JSON list."""
+    if path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
+        return [(f"{path}:{line}", rec) for line, rec in read_jsonl(path, EvalDataError)]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvalDataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise EvalDataError(f"{path}: expected a JSON list of problems (sanitized-mbpp.json), "
+                            f"got {type(data).__name__}")
+    out = []
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise EvalDataError(f"{path}[{i}]: expected a JSON object")
+        out.append((f"{path}[{i}]", rec))
+    return out
+
+
+def load_mbpp(root: str | Path, split: str) -> dict[str, list[dict]]:
+    """MBPP, full or sanitized; the split's problems by task_id (see MBPP_SPLITS)."""
+    if split not in MBPP_SPLITS:
+        raise EvalDataError(f"mbpp: unknown split '{split}' (MBPP has {', '.join(MBPP_SPLITS)})")
+    path = mbpp_file(Path(root))
+    sanitized = path.suffix == ".json"  # sanitized-mbpp.json: 'prompt' and 'test_imports'
+    lo, hi = MBPP_SPLITS[split]
+    docs, seen = [], {}
+    for where, rec in _mbpp_records(path):
+        task_id = _field(rec, "task_id", where, int)
+        if task_id in seen:
+            raise EvalDataError(f"{where}: task_id {task_id} again (first at {seen[task_id]})")
+        seen[task_id] = where
+        text = _field(rec, "prompt" if sanitized else "text", where)
+        code = _field(rec, "code", where)
+        tests = _str_list(rec, "test_list", where, required=True)
+        if sanitized:
+            setup = "\n".join(_str_list(rec, "test_imports", where, required=False))
+        else:
+            setup = _field(rec, "test_setup_code", where) if "test_setup_code" in rec else ""
+        if lo <= task_id <= hi:
+            docs.append(dict(id=f"mbpp/{task_id}", task_id=task_id, text=text, code=code,
+                             test_list=tests, test_setup_code=setup,
+                             challenge_test_list=_str_list(rec, "challenge_test_list", where,
+                                                           required=False),
+                             source=where))
+    if not docs:
+        raise EvalDataError(f"{path}: no problems with task_id {lo}-{hi} (MBPP's '{split}' split)")
+    docs.sort(key=lambda d: d["task_id"])
+    if split == "prompt":
+        first = [d for i in MBPP_FEWSHOT_FIRST for d in docs if d["task_id"] == i]
+        docs = first + [d for d in docs if d not in first]
     return {"all": docs}

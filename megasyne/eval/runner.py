@@ -18,8 +18,8 @@ from megasyne.eval.tasks import CODE, MC, EvalConfigError, TaskSpec, build_lm_ev
 
 RESULTS_FORMAT = "megasyne-eval/1"
 DISPLAY = {"mmlu": "MMLU", "ceval": "C-Eval", "cmmlu": "CMMLU", "math": "MATH", "gsm8k": "GSM8K",
-           "scieval": "SciEval", "humaneval": "HumanEval"}
-PAPER_ORDER = ["mmlu", "ceval", "cmmlu", "math", "gsm8k", "scieval", "humaneval"]
+           "scieval": "SciEval", "humaneval": "HumanEval", "mbpp": "MBPP"}
+PAPER_ORDER = ["mmlu", "ceval", "cmmlu", "math", "gsm8k", "scieval", "humaneval", "mbpp"]
 
 
 def _quiet_lm_eval() -> None:
@@ -112,11 +112,11 @@ def _item(spec: TaskSpec, subject: str, sample: dict, config: dict) -> dict:
         from megasyne.eval.scoring import extract_math
 
         rec.update(target=doc["answer"], pred=extract_math(generation).strip())
-    else:  # humaneval: what ran, and how it ended
-        from megasyne.eval.scoring import truncate_completion
+    else:  # humaneval, mbpp: what ran, and how it ended
+        from megasyne.eval.tasks import code_completion
 
-        rec.update(completion=truncate_completion(generation),
-                   status=config["process_results"].statuses.get(doc["task_id"]))
+        rec.update(completion=code_completion(spec.format, generation),
+                   status=config["process_results"].statuses.get(doc["id"]))
     return rec
 
 

@@ -1,4 +1,4 @@
-"""Scoring of generated answers: GSM8K numbers, MATH expressions, HumanEval programs.
+"""Scoring of generated answers: GSM8K numbers, MATH expressions, HumanEval and MBPP programs.
 
 - GSM8K: lm-eval's two extractions: "strict" takes the number after ``####``; when the
   generation has none, "flexible" takes the last number in it. Numbers compare as decimals
@@ -11,6 +11,8 @@
   This contains accidents of model-written code (infinite loops, huge allocations, stray
   files); it is not a security boundary against hostile code: run untrusted models' code
   in a container or VM.
+- MBPP: the program ``completion + test_setup_code + test_list`` (the asserts), run the same way;
+  the completion is the generation up to ``[DONE]`` (lm-eval's ``mbpp``: no other cut).
 """
 
 from __future__ import annotations
@@ -147,3 +149,14 @@ def check_humaneval(docs: list[dict], completions: list[str], *, timeout: float 
     programs = [humaneval_program(d, truncate_completion(c)) for d, c in zip(docs, completions)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda p: run_program(p, timeout=timeout), programs))
+
+
+# --------------------------------------------------------------------------- MBPP
+
+MBPP_STOP = ["[DONE]"]
+
+
+def mbpp_program(doc: dict, completion: str) -> str:
+    """The generated code, then the problem's setup code, then its assert statements."""
+    parts = [completion, doc.get("test_setup_code") or "", *doc["test_list"]]
+    return "\n".join(parts) + "\n"

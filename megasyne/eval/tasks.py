@@ -1,15 +1,17 @@
 """Evaluation tasks: what to read, how many shots, and the lm-eval task configs they become.
 
 A :class:`TaskSpec` names a benchmark format (``mmlu``, ``ceval``, ``cmmlu``, ``scieval``,
-``gsm8k``, ``math``, ``humaneval``) and a local path. :func:`build_lm_eval_configs` reads the
+``gsm8k``, ``math``, ``humaneval``, ``mbpp``) and a local path. :func:`build_lm_eval_configs` reads the
 files (``megasyne.eval.benchmark_files``, validated) and turns every subject into an lm-eval task config
 whose dataset is the already-parsed docs (``custom_dataset``); lm-eval then builds the
 prompts and scores them. Prompts are lm-eval's own for its mmlu / ceval-valid / cmmlu /
 gsm8k / hendrycks_math tasks (subject descriptions are read from the task YAMLs lm-eval
-ships); SciEval's is SciEval's ``make_few_shot.py``; HumanEval's is the bare prompt.
+ships); SciEval's is SciEval's ``make_few_shot.py``; HumanEval's is the bare prompt; MBPP's is
+lm-eval's ``mbpp`` task (the MBPP paper's: "You are an expert Python programmer, and here is
+your task: ... Your code should pass these tests: ... [BEGIN]", examples closed by ``[DONE]``).
 
 Paper settings (Llama-3-SynE; ``PAPER_PRESET``): 5-shot MMLU, C-Eval, CMMLU, MATH, SciEval;
-8-shot GSM8K; 0-shot HumanEval (greedy pass@1).
+8-shot GSM8K; 0-shot HumanEval and 3-shot MBPP (greedy pass@1).
 
 A task file (YAML)::
 
@@ -65,6 +67,8 @@ FORMATS: dict[str, Format] = {
                    max_new_tokens=512),
     "humaneval": Format(kind=CODE, split=None, fewshot_split=None, metric="pass@1",
                         max_new_tokens=512),
+    "mbpp": Format(kind=CODE, split="test", fewshot_split="prompt", metric="pass@1",
+                   max_new_tokens=512),
 }
 
 
@@ -95,7 +99,7 @@ class TaskSpec:
     subjects: tuple[str, ...] | None = None
     """Only these subjects (MMLU-style file stems / SciEval groups); None: all."""
     timeout: float = 10.0
-    """HumanEval: seconds per program."""
+    """HumanEval, MBPP: seconds per program."""
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -131,6 +135,7 @@ PAPER_PRESET: dict[str, dict[str, Any]] = {
     "gsm8k": dict(format="gsm8k", path="gsm8k", num_fewshot=8),
     "scieval": dict(format="scieval", path="scieval", num_fewshot=5),
     "humaneval": dict(format="humaneval", path="humaneval/HumanEval.jsonl.gz", num_fewshot=0),
+    "mbpp": dict(format="mbpp", path="mbpp", num_fewshot=3),
 }
 PRESETS = {"paper": PAPER_PRESET}
 _SPEC_FIELDS = {f.name for f in dataclasses.fields(TaskSpec)}
@@ -211,7 +216,8 @@ def load_docs(spec: TaskSpec, split: str | None) -> tuple[dict[str, list[dict]],
         if spec.format == "scieval":
             return D.load_scieval(spec.path, split)
         loader = {"mmlu": D.load_mmlu, "ceval": D.load_ceval, "cmmlu": D.load_cmmlu,
-                  "gsm8k": D.load_gsm8k, "math": D.load_math, "humaneval": D.load_humaneval}
+                  "gsm8k": D.load_gsm8k, "math": D.load_math, "humaneval": D.load_humaneval,
+                  "mbpp": D.load_mbpp}
         return loader[spec.format](spec.path, split), 0
     except D.EvalDataError as exc:
         raise D.EvalDataError(f"task '{spec.name}' ({spec.format}): {exc}") from None
@@ -293,15 +299,29 @@ def _math_results(doc, results):
                                                       doc["answer"]))}
 
 
-def _humaneval_results(timeout: float):
-    """process_results for HumanEval; ``.statuses[task_id]`` keeps each run's outcome."""
+def code_completion(fmt: str, generation: str) -> str:
+    """The code that runs: HumanEval cuts at its stop sequences, MBPP keeps the generation
+    (already cut at ``[DONE]``)."""
+    return scoring.truncate_completion(generation) if fmt == "humaneval" else generation
+
+
+def _code_results(fmt: str, timeout: float):
+    """process_results for HumanEval / MBPP; ``.statuses[doc id]`` keeps each run's outcome."""
+    program = scoring.humaneval_program if fmt == "humaneval" else scoring.mbpp_program
+
     def process(doc, results):
-        res = scoring.run_program(
-            scoring.humaneval_program(doc, scoring.truncate_completion(results[0])), timeout=timeout)
-        process.statuses[doc["task_id"]] = res.status
+        res = scoring.run_program(program(doc, code_completion(fmt, results[0])), timeout=timeout)
+        process.statuses[doc["id"]] = res.status
         return {"pass@1": float(res.passed)}
     process.statuses = {}
     return process
+
+
+# lm-eval's mbpp task (lm_eval/tasks/mbpp/mbpp.yaml), the three tests joined (every MBPP problem
+# has three; tests/eval checks this renders as lm-eval's template)
+MBPP_TEXT = ("You are an expert Python programmer, and here is your task: {{text}} Your code "
+             "should pass these tests:\n\n{{test_list | join('\n')}}\n[BEGIN]\n")
+MBPP_TARGET = "{{code}}\n[DONE]"
 
 
 def _dataset(eval_docs: list[dict], shots: list[dict]):
@@ -382,10 +402,17 @@ def build_lm_eval_configs(spec: TaskSpec) -> tuple[list[LMEvalTask], int]:
                        generation_kwargs={"until": ["Problem:"], "do_sample": False,
                                           "max_gen_toks": spec.gen_tokens},
                        metric_list=_metric("exact_match"))
+        elif spec.format == "mbpp":
+            cfg.update(output_type="generate_until", doc_to_text=MBPP_TEXT,
+                       doc_to_target=MBPP_TARGET, target_delimiter="",
+                       process_results=_code_results("mbpp", spec.timeout),
+                       generation_kwargs={"until": list(scoring.MBPP_STOP), "do_sample": False,
+                                          "max_gen_toks": spec.gen_tokens},
+                       metric_list=_metric("pass@1"))
         else:  # humaneval
             cfg.update(output_type="generate_until", doc_to_text="prompt",
                        doc_to_target="canonical_solution",
-                       process_results=_humaneval_results(spec.timeout),
+                       process_results=_code_results("humaneval", spec.timeout),
                        generation_kwargs={"until": list(scoring.HUMANEVAL_STOP), "do_sample": False,
                                           "max_gen_toks": spec.gen_tokens},
                        metric_list=_metric("pass@1"))

@@ -45,6 +45,12 @@ def test_fixture_loads_in_every_format(fixture_dir):
     assert [d["answer"] for d in math] == ["6", "15", "5", "5", "\\frac{3}{4}"]
     he = D.load_humaneval(fixture_dir / "humaneval" / "HumanEval.jsonl.gz")["all"]
     assert len(he) == 164 and he[0]["task_id"] == "HumanEval/0" and he[0]["entry_point"] == "has_close_elements"
+    mbpp = {split: [d["task_id"] for d in D.load_mbpp(fixture_dir / "mbpp", split)["all"]]
+            for split in ("prompt", "test", "train")}
+    assert mbpp == {"prompt": [2, 3, 4, 1], "test": [11, 12, 13], "train": [601]}
+    last = D.load_mbpp(fixture_dir / "mbpp", "test")["all"][-1]
+    assert last["test_setup_code"].startswith("def is_leap(year):") and len(last["test_list"]) == 3
+    assert last["source"].endswith("mbpp.jsonl:7") and last["id"] == "mbpp/13"
 
 
 def _mmlu_copy(fixture_dir: Path, tmp_path: Path) -> Path:
@@ -74,6 +80,10 @@ def test_wrong_answer_letter_names_file_line_and_field(fixture_dir, tmp_path):
     ("scieval_type", "field 'type' is 'essay'"),
     ("scieval_answer", "field 'answer' is ['E'], expected [one of A, B, C, D]"),
     ("humaneval_field", "field 'entry_point' is missing"),
+    ("mbpp_tests", "field 'test_list' should be list, got str"),
+    ("mbpp_task_id", "field 'task_id' should be int, got str"),
+    ("mbpp_sanitized", "field 'prompt' is missing"),
+    ("mbpp_duplicate", "task_id 11 again (first at "),
 ])
 def test_malformed_files_fail_with_a_clear_message(tmp_path, case, expected):
     if case == "mmlu_columns":
@@ -104,6 +114,20 @@ def test_malformed_files_fail_with_a_clear_message(tmp_path, case, expected):
         bad = dict(rec, type="essay") if case == "scieval_type" else dict(rec, answer=["E"])
         (tmp_path / "scieval-valid.json").write_text(json.dumps([rec, bad]))
         call, where = lambda: D.load_scieval(tmp_path, "valid"), "scieval-valid.json[1]"
+    elif case.startswith("mbpp"):
+        rec = {"task_id": 11, "text": "t", "code": "c", "test_list": ["assert True"],
+               "test_setup_code": "", "challenge_test_list": []}
+        if case == "mbpp_sanitized":
+            good = {"task_id": 11, "prompt": "t", "code": "c", "test_imports": [],
+                    "test_list": ["assert True"]}
+            bad = {"task_id": 12, "code": "c", "test_list": ["assert True"]}
+            (tmp_path / "sanitized-mbpp.json").write_text(json.dumps([good, bad]))
+            call, where = lambda: D.load_mbpp(tmp_path, "test"), "sanitized-mbpp.json[1]"
+        else:
+            bad = dict(rec, task_id=12, test_list="assert True") if case == "mbpp_tests" else \
+                dict(rec, task_id="12") if case == "mbpp_task_id" else rec
+            (tmp_path / "mbpp.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(bad) + "\n")
+            call, where = lambda: D.load_mbpp(tmp_path, "test"), "mbpp.jsonl:2"
     else:
         with gzip.open(tmp_path / "HumanEval.jsonl.gz", "wt") as f:
             f.write(json.dumps({"task_id": "t", "prompt": "p", "test": "t"}) + "\n")
@@ -155,7 +179,9 @@ def test_unknown_tasks_formats_and_fields(tmp_path):
 def test_paper_preset_matches_the_paper(tmp_path):
     specs = {s.name: s for s in preset_tasks("paper", tmp_path)}
     shots = {n: s.num_fewshot for n, s in specs.items()}
-    assert shots == {"mmlu": 5, "ceval": 5, "cmmlu": 5, "math": 5, "gsm8k": 8, "scieval": 5, "humaneval": 0}
+    assert shots == {"mmlu": 5, "ceval": 5, "cmmlu": 5, "math": 5, "gsm8k": 8, "scieval": 5,
+                     "humaneval": 0, "mbpp": 3}
+    assert specs["mbpp"].eval_split == "test" and specs["mbpp"].fmt.fewshot_split == "prompt"
     assert specs["mmlu"].path == tmp_path / "mmlu" / "data" and specs["ceval"].eval_split == "val"
     assert set(specs) == set(PAPER_PRESET)
 
@@ -185,3 +211,33 @@ def test_prompts_are_lm_evals(fixture_dir):
         "以下是中国关于高中物理的单项选择题，请选出其中的正确答案。\n\n"
     assert description("cmmlu", "astronomy") == "以下是关于天文学的单项选择题，请直接给出正确答案的选项。\n\n"
     assert description("mmlu", "my_subject").endswith("about my subject.\n\n")
+
+
+def test_mbpp_prompt_is_lm_evals(fixture_dir):
+    """Our template renders as lm-eval's mbpp.yaml (read from the installed lm-eval), and the
+    few-shot examples are its tasks 2, 3, 4."""
+    import re
+
+    import jinja2
+    import lm_eval.tasks
+    import yaml
+
+    from megasyne.eval.tasks import MBPP_TARGET, MBPP_TEXT
+
+    folder = Path(lm_eval.tasks.__file__).parent / "mbpp"
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    ref = yaml.load((folder / "mbpp.yaml").read_text(), Loader=Loader)
+    env = jinja2.Environment()
+    for doc in D.load_mbpp(fixture_dir / "mbpp", "prompt")["all"][:3]:
+        assert env.from_string(MBPP_TEXT).render(**doc) == \
+            env.from_string(ref["doc_to_text"]).render(**doc)
+        assert env.from_string(MBPP_TARGET).render(**doc) == \
+            env.from_string(ref["doc_to_target"]).render(**doc, is_fewshot=True)
+    assert ref["target_delimiter"] == "" and ref["generation_kwargs"]["until"] == ["[DONE]"]
+    assert ref["num_fewshot"] == 3 and ref["fewshot_config"]["sampler"] == "first_n"
+    shots = [int(x) for x in re.findall(r'"task_id": (\d+)', (folder / "utils.py").read_text())]
+    assert tuple(shots) == D.MBPP_FEWSHOT_FIRST

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
+import re
 
 import pytest
 
-from megasyne.eval.lm import ScoreFnScorer
+from megasyne.eval.lm import ScoreFnScorer, Scorer
 from megasyne.eval.runner import (
     RESULTS_FORMAT,
     compare,
@@ -68,6 +70,55 @@ def test_generation_needs_a_model_and_code_needs_opt_in(fixture_tasks, tokenizer
         run_tasks(scorer, [specs["gsm8k"]])
     with pytest.raises(EvalConfigError, match="task 'humaneval' executes model-written code"):
         run_tasks(scorer, [specs["humaneval"]])
+    with pytest.raises(EvalConfigError, match="task 'mbpp' executes model-written code"):
+        run_tasks(scorer, [specs["mbpp"]])
+
+
+class CannedCoder(Scorer):
+    """A 'model' that answers each MBPP prompt with the code given for the problem it ends with,
+    and records what it was asked."""
+
+    def __init__(self, tokenizer, answers: dict[str, str]):
+        super().__init__(tokenizer, max_length=4096)
+        self.answers, self.asked = answers, []
+
+    def loglikelihood_tokens(self, requests):
+        raise NotImplementedError
+
+    def generate(self, prompt, *, max_new_tokens, stop):
+        text = self.tokenizer.decode(prompt)
+        self.asked.append((text, list(stop), max_new_tokens))
+        return self.answers[re.findall(r"here is your task: (.*?) Your code should", text)[-1]]
+
+
+def test_mbpp_through_the_runner(fixture_tasks, fixture_dir, tokenizer):
+    """The fixture's MBPP task: canonical code passes every problem, wrong code fails every one;
+    the 3-shot prompt is written out here from the raw file."""
+    raw = {r["task_id"]: r for r in map(json.loads, (fixture_dir / "mbpp" / "mbpp.jsonl")
+                                        .read_text().splitlines())}
+    (spec,) = [s for s in load_task_file(fixture_tasks) if s.format == "mbpp"]
+    spec = dataclasses.replace(spec, max_items=None)  # all three test problems
+
+    def block(r):
+        return ("You are an expert Python programmer, and here is your task: " + r["text"]
+                + " Your code should pass these tests:\n\n" + "\n".join(r["test_list"])
+                + "\n[BEGIN]\n")
+
+    canonical = CannedCoder(tokenizer, {r["text"]: r["code"] for r in raw.values()})
+    out = run_tasks(canonical, [spec], allow_code_execution=True)
+    assert out["tasks"]["mbpp"]["score"] == 1.0 and out["tasks"]["mbpp"]["n"] == 3
+    items = out["items"]["mbpp"]
+    assert [i["id"] for i in items] == ["mbpp/11", "mbpp/12", "mbpp/13"]
+    assert all(i["status"] == "passed" and i["correct"] for i in items)
+    shots = "".join(block(raw[t]) + raw[t]["code"] + "\n[DONE]\n\n" for t in (2, 3, 4))
+    assert canonical.asked[0] == (shots + block(raw[11]), ["[DONE]"], 32)
+
+    wrong = CannedCoder(tokenizer, {r["text"]: "def nothing():\n    return None" for r in raw.values()})
+    wrong.answers[raw[12]["text"]] = "def second_largest(nums):\n    return max(nums)"
+    out = run_tasks(wrong, [spec], allow_code_execution=True)
+    assert out["tasks"]["mbpp"]["score"] == 0.0
+    assert [i["status"].split(":")[:2] for i in out["items"]["mbpp"]] == [
+        ["failed", " NameError"], ["failed", " AssertionError"], ["failed", " NameError"]]
 
 
 def _results(name, scores, n=10, shots=5, items=None):

@@ -1,4 +1,4 @@
-"""Answer extraction (GSM8K, MATH) and HumanEval's unit tests in the sandbox."""
+"""Answer extraction (GSM8K, MATH) and HumanEval's and MBPP's unit tests in the sandbox."""
 
 from __future__ import annotations
 
@@ -63,3 +63,15 @@ def test_sandbox_limits_time_memory_and_working_directory(tmp_path):
                         f"assert not os.path.exists({str(marker)!r})\n", timeout=10)
     assert res.passed  # it ran in its own empty temporary directory
     assert not (tmp_path / "written").exists()
+
+
+def test_mbpp_programs_run_code_setup_and_asserts(fixture_dir):
+    docs = D.load_mbpp(fixture_dir / "mbpp", "test")["all"]
+    for doc in docs:  # canonical code, \r\n line ends as published
+        assert S.run_program(S.mbpp_program(doc, doc["code"]), timeout=20).passed, doc["id"]
+    leap = docs[-1]  # its code calls is_leap, which only the setup code defines
+    assert "NameError" in S.run_program(S.mbpp_program(dict(leap, test_setup_code=""),
+                                                       leap["code"]), timeout=20).status
+    wrong = S.run_program(S.mbpp_program(docs[0], "def reverse_words(s):\n    return s\n"),
+                          timeout=20)
+    assert not wrong.passed and wrong.status.startswith("failed: AssertionError")

@@ -73,7 +73,7 @@ def test_megasyne_checkpoint_scores_equal_the_hf_original(smol):
     hf, ms = smol["hf"], smol["megatron"]
     assert ms["model"]["kind"] == "megasyne" and ms["model"]["load"] == "megatron"
     assert list(ms["tasks"]) == list(hf["tasks"]) == ["mmlu", "ceval", "cmmlu", "scieval", "gsm8k",
-                                                      "math", "humaneval"]
+                                                      "math", "humaneval", "mbpp"]
     for task in hf["tasks"]:
         a, b = hf["items"][task], ms["items"][task]
         assert [i["id"] for i in a] == [i["id"] for i in b] and a, task
@@ -86,9 +86,10 @@ def test_megasyne_checkpoint_scores_equal_the_hf_original(smol):
                 assert diff < LOGLIK_TOL, (task, x["id"], x["logliks"], y["logliks"])
         assert hf["tasks"][task]["score"] == ms["tasks"][task]["score"], task
     # the generative tasks really generated something, and the program really ran
-    assert all(i["generation"].strip() for t in ("gsm8k", "math", "humaneval") for i in hf["items"][t])
+    assert all(i["generation"].strip() for t in ("gsm8k", "math", "humaneval", "mbpp")
+               for i in hf["items"][t])
     assert all(i["status"] == "passed" or i["status"].startswith(("failed: ", "timed out"))
-               for i in hf["items"]["humaneval"])
+               for t in ("humaneval", "mbpp") for i in hf["items"][t])
 
 
 def test_exported_checkpoint_is_identical(smol, tmp_path):

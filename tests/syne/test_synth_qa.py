@@ -146,7 +146,7 @@ def http_run(tmp_path_factory):
     with FakeOpenAI() as srv:
         backend = OpenAIChatBackend(base_url=srv.url, model="fake-7b", api_key="s3cret",
                                     concurrency=4, timeout=0.8, max_retries=2, backoff=0.05)
-        cfg = SynthConfig(output=str(tmp / "qa.jsonl"), benchmark_files=[str(bench)], chunk=16,
+        cfg = SynthConfig(output=str(tmp / "qa.jsonl"), benchmark_files=[str(bench)],
                           progress=False)
         report = run_synth(cfg, backend, disciplines, seeds, skipped)
     return dict(tmp=tmp, srv=srv, report=report, bench=bench, seeds=seeds)
@@ -157,6 +157,10 @@ def test_http_counts_at_every_filter(http_run):
     assert r["this_run"] == {"requests": 10, "backend_errors": 1, **EXPECTED}
     assert r["total"] == EXPECTED and r["pending"] == 1  # the 400 is retried by the next run
     assert "HTTP 400" in r["backend_error_examples"][0]
+    (failure,) = [json.loads(x) for x in
+                  (http_run["tmp"] / "qa.jsonl.failures.jsonl").read_text().splitlines()]
+    assert failure["key"] == "bad400#0#0" and "HTTP 400" in failure["error"]
+    assert failure["attempts"] == 1
     assert json.loads((http_run["tmp"] / "qa.jsonl.report.json").read_text()) == r
 
 
@@ -212,14 +216,22 @@ def test_cli_killed_run_resumes_to_the_same_output(http_run, tmp_path):
         args = ["--pages", pages, "--output", out, "--openai-url", srv.url, "--model", "fake-7b",
                 "--api-key-env", "FAKE_KEY", "--concurrency", 4, "--timeout", 0.8, "--retries", 2,
                 "--backoff", 0.05, "--benchmark", http_run["bench"], "--no-progress"]
-        killed = _tool(*args, "--debug-kill-after-items", 3, env={"FAKE_KEY": "s3cret"}, check=False)
+        killed = _tool(*args, "--debug-kill-after-responses", 3, env={"FAKE_KEY": "s3cret"},
+                       check=False)
         assert killed.returncode == -9, killed.stderr[-3000:]
-        assert len((tmp_path / "qa.jsonl.state.jsonl").read_text().splitlines()) == 3
+        answered = [json.loads(x)["key"] for x in
+                    (tmp_path / "qa.jsonl.responses.jsonl").read_text().splitlines()]
+        assert len(answered) == 3
+        first_run = len(srv.bodies)
         done = _tool(*args, env={"FAKE_KEY": "s3cret"})
         assert "s3cret" not in done.stdout + done.stderr
         report = json.loads(done.stdout.strip().splitlines()[-1])
-        assert report["items_done_before"] == 3 and report["pending"] == 0
+        assert report["answers_from_journal"] + report["items_done_before"] == 3
+        assert report["this_run"]["requests"] == len(CASES) - 1 - 3 and report["pending"] == 0
         assert report["total"] == EXPECTED
+        from megasyne.syne.synth.generators import _seed  # the seed each request carries
+
+        assert not {_seed(k) for k in answered} & {b["seed"] for b in srv.bodies[first_run:]}
         changed = _tool(*args[:-1], "--samples", 2, check=False)  # other settings: refused
         assert changed.returncode == 2 and "samples_per_snippet" in changed.stderr
         assert changed.stderr.startswith("error: ") and changed.stderr.count("\n") == 1

@@ -1,3 +1,4 @@
 """Synthetic scientific QA for SynE stage II: :mod:`.templates` (discipline prompts),
-:mod:`.backends` (OpenAI-compatible HTTP, local transformers), :mod:`.filters` (parsing,
-validation, MinHash near-duplicates, n-gram contamination), :mod:`.pipeline` (resumable run)."""
+:mod:`.generators` (OpenAI-compatible HTTP, local transformers), :mod:`.filters` (parsing,
+validation, MinHash near-duplicates, n-gram contamination), :mod:`.pipeline` (the run, answers
+judged in item order), :mod:`.store` (its files, crash-safe resume)."""

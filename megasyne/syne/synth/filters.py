@@ -3,6 +3,7 @@
     parse        "Problem: ... Solution: ..." (also Question/Answer, markdown bold or headings,
                  Chinese 问题/题目 + 解答/答案); a second "Problem:" ends the solution
     validate     placeholders left from the template, language, lengths, problem copied from seed
+    code         code disciplines: the solution's first fenced code block, which must compile
     contaminate  any n-gram (13 words / 20 Chinese characters) shared with a benchmark file
     near-dup     MinHash LSH over word 5-gram shingles (character 5-grams for Chinese), datasketch,
                  against every pair kept so far (this run and earlier ones)
@@ -12,6 +13,7 @@ Each filter returns the reason a pair is dropped (or None); the run report count
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import json
@@ -74,10 +76,22 @@ def language_ok(text: str, lang: str) -> bool:
     return cjk / (cjk + latin) < 0.05
 
 
+class _SeparatorsToSpace(dict):
+    """str.translate table: punctuation, symbols, separators, controls -> space; filled per
+    character on first sight (a per-character category lookup was most of the filters' time)."""
+
+    def __missing__(self, code: int) -> str:
+        c = chr(code)
+        self[code] = " " if unicodedata.category(c)[0] in "PSZC" else c
+        return self[code]
+
+
+_TO_SPACE = _SeparatorsToSpace()
+
+
 def normalise(text: str) -> str:
     """Lowercase, NFKC, punctuation -> space, whitespace collapsed (for overlap checks)."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(" " if unicodedata.category(c)[0] in "PSZC" else c for c in text)
+    text = unicodedata.normalize("NFKC", text).lower().translate(_TO_SPACE)
     return " ".join(text.split())
 
 
@@ -116,11 +130,13 @@ def copied_from_seed(problem: str, seed: str, n: int = 8, threshold: float = 0.5
     return sum(g in seed_grams for g in grams) / len(grams) >= threshold
 
 
-def validate(pair: QAPair, *, lang: str, seed: str, limits: dict) -> str | None:
-    """The first reason to drop a parsed pair, or None (checked in this order)."""
+def validate(pair: QAPair, *, lang: str, seed: str, limits: dict,
+             kind: str = "qa") -> str | None:
+    """The first reason to drop a parsed pair, or None (checked in this order). A code
+    solution is mostly code: only its problem is checked for the language."""
     if PLACEHOLDER_RE.search(pair.problem) or PLACEHOLDER_RE.search(pair.solution):
         return "template_placeholder"
-    if not (language_ok(pair.problem, lang) and language_ok(pair.solution, lang)):
+    if not (language_ok(pair.problem, lang) and (kind == "code" or language_ok(pair.solution, lang))):
         return "wrong_language"
     for part in ("problem", "solution"):
         n = len(getattr(pair, part))
@@ -133,6 +149,23 @@ def validate(pair: QAPair, *, lang: str, seed: str, limits: dict) -> str | None:
     return None
 
 
+CODE_BLOCK_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.IGNORECASE | re.DOTALL)
+
+
+def parse_code(solution: str) -> tuple[str | None, str | None]:
+    """(code, None) from the first fenced code block of a solution, or (None, reason): ``no_code``
+    (no fenced block, or an empty one) or ``code_syntax_error`` (it does not compile)."""
+    m = CODE_BLOCK_RE.search(solution)
+    if m is None or not m.group(1).strip():
+        return None, "no_code"
+    code = m.group(1).rstrip() + "\n"
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None, "code_syntax_error"
+    return code, None
+
+
 class NearDuplicates:
     """MinHash LSH (datasketch) over 5-unit shingles; ``seen(key, text)`` adds and answers."""
 
@@ -140,14 +173,21 @@ class NearDuplicates:
         from datasketch import MinHash, MinHashLSH
 
         self._minhash = MinHash
+        self._first = MinHash(num_perm=num_perm, seed=1)  # its permutations are reused
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.num_perm, self.shingle = num_perm, shingle
+        self._last: tuple[str, object] | None = None
 
     def _signature(self, text: str):
+        if self._last is not None and self._last[0] == text:  # duplicate_of, then add
+            return self._last[1]
         u = units(text)
         grams = ngrams(u, self.shingle) if len(u) >= self.shingle else {tuple(u)}
-        m = self._minhash(num_perm=self.num_perm, seed=1)
+        # the permutations of seed 1, not drawn again for every text (a third of the time)
+        m = self._minhash(num_perm=self.num_perm, seed=1, scheme=self._first.scheme,
+                          permutations=self._first.permutations)
         m.update_batch([" ".join(g).encode("utf-8") for g in grams])
+        self._last = (text, m)
         return m
 
     def duplicate_of(self, text: str) -> str | None:
@@ -169,8 +209,21 @@ def _strings(value, out: list[str]) -> None:
             _strings(v, out)
 
 
-def read_benchmark_texts(path: str | Path) -> list[str]:
-    """Every string in a benchmark file: .jsonl / .json (any nesting) / .txt, optionally .gz."""
+def _pick(record, fields: tuple[str, ...] | None):
+    """The record itself, or only its values under ``fields`` (records that are objects)."""
+    if not fields:
+        return record
+    if isinstance(record, list):
+        return [_pick(r, fields) for r in record]
+    if isinstance(record, dict):
+        return [record[k] for k in fields if k in record]
+    return record
+
+
+def read_benchmark_texts(path: str | Path, fields: tuple[str, ...] | None = None) -> list[str]:
+    """Every string in a benchmark file: .jsonl / .json (any nesting) / .txt, optionally .gz.
+    With ``fields``, only the strings under those keys of each JSON record (e.g. HumanEval's
+    ``prompt``, MBPP's ``text``: its reference code and tests would match common code)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     stem = path.with_suffix("") if path.suffix == ".gz" else path
@@ -181,13 +234,13 @@ def read_benchmark_texts(path: str | Path) -> list[str]:
                 for n, line in enumerate(f, 1):
                     if line.strip():
                         try:
-                            _strings(json.loads(line), texts)
+                            _strings(_pick(json.loads(line), fields), texts)
                         except json.JSONDecodeError as exc:
                             raise SynthError(f"benchmark file {path}:{n}: not JSON ({exc})") \
                                 from None
             elif stem.suffix == ".json":
                 try:
-                    _strings(json.load(f), texts)
+                    _strings(_pick(json.load(f), fields), texts)
                 except json.JSONDecodeError as exc:
                     raise SynthError(f"benchmark file {path}: not JSON ({exc})") from None
             else:
@@ -203,12 +256,13 @@ class Contamination:
     and CJK-heavy items use ``n_cjk`` units. Items shorter than that (but at least ``min_units``)
     are matched whole. ``match(text)`` names the benchmark file of the first overlap."""
 
-    def __init__(self, files: list[str], *, n: int = 13, n_cjk: int = 20, min_units: int = 8) -> None:
+    def __init__(self, files: list[str], *, n: int = 13, n_cjk: int = 20, min_units: int = 8,
+                 fields: tuple[str, ...] | None = None) -> None:
         self.n, self.n_cjk, self.min_units = n, n_cjk, min_units
         self.grams: dict[int, dict[str, str]] = {}  # length -> {hash -> file}
         self.files, self.items = list(files), 0
         for path in self.files:
-            for text in read_benchmark_texts(path):
+            for text in read_benchmark_texts(path, fields):
                 u = units(text)
                 k = self._k(text)
                 if len(u) >= k:
@@ -236,5 +290,5 @@ class Contamination:
 
 
 __all__ = ["Contamination", "NearDuplicates", "QAPair", "SynthError", "copied_from_seed",
-           "language_ok", "ngrams", "normalise", "parse_qa", "read_benchmark_texts", "units",
-           "validate"]
+           "language_ok", "ngrams", "normalise", "parse_code", "parse_qa", "read_benchmark_texts",
+           "units", "validate"]

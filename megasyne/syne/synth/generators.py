@@ -1,26 +1,34 @@
 """Generation backends for synthetic QA: an OpenAI-compatible chat endpoint and local transformers.
 
-Both take a list of :class:`Request` and return one :class:`Response` per request, in order.
+Both offer ``stream(requests, window)``, one :class:`Response` per :class:`Request` in the order
+they finish, and ``generate(requests)``, the same in request order.
 
 - :class:`OpenAIChatBackend`: ``POST {base_url}/chat/completions`` (vLLM, SGLang, llama.cpp
-  server, TGI, OpenAI) with a thread pool of ``concurrency`` requests in flight, a per-request
-  ``timeout``, and up to ``max_retries`` retries with exponential backoff on connection errors,
-  timeouts, HTTP 408/409/425/429 and 5xx (``Retry-After`` honoured). Other 4xx fail at once. A
-  request that still fails comes back with ``error`` set (the pipeline counts it and retries it
-  on the next run); nothing raises. Standard library only.
+  server, TGI, OpenAI) from a thread pool that keeps ``concurrency`` requests in flight all the
+  time (a new one starts as soon as one ends, never more than ``window`` past the oldest
+  unfinished one, so a caller that handles responses in request order buffers at most
+  ``window``), a per-request ``timeout``, and up to ``max_retries`` retries with exponential
+  backoff (+-25% jitter) on connection errors, timeouts, HTTP 408/409/425/429 and 5xx; a
+  ``Retry-After`` header (seconds or an HTTP date) replaces the backoff. Other 4xx fail at once.
+  A request that still fails comes back with ``error`` set (the pipeline records it and retries
+  it on the next run); nothing raises. Standard library only.
 - :class:`TransformersBackend`: a local causal LM (chat template, left-padded batches,
   ``response_prefix`` appended after the generation prompt), greedy or sampled with a fixed seed.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import email.utils
+import http.client
 import json
 import random
 import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from megasyne.syne.synth.filters import SynthError
@@ -55,6 +63,28 @@ def _seed(key: str) -> int:
     import zlib
 
     return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+MAX_DELAY = 60.0
+"""Longest wait before a retry (seconds), a server's Retry-After included."""
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header (RFC 9110: delay seconds or an HTTP date) as seconds from now, or
+    None when absent or unreadable (the backoff applies then)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass(kw_only=True)
@@ -102,14 +132,15 @@ class OpenAIChatBackend:
             return json.loads(resp.read().decode("utf-8"))
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(float(retry_after), 60.0)
-            except ValueError:
-                pass
+        """Seconds to wait before retry ``attempt + 1``: the server's Retry-After, else
+        ``backoff * 2**attempt`` with +-25% jitter (so clients that failed together do not
+        retry together), at most MAX_DELAY."""
+        asked = retry_after_seconds(retry_after)
+        if asked is not None:
+            return min(asked, MAX_DELAY)
         with self._lock:
             jitter = self._rng.uniform(0.75, 1.25)
-        return min(self.backoff * (2 ** attempt) * jitter, 60.0)
+        return min(self.backoff * (2 ** attempt) * jitter, MAX_DELAY)
 
     def one(self, r: Request) -> Response:
         body = {"model": self.model, "messages": r.messages, "temperature": self.temperature,
@@ -133,7 +164,8 @@ class OpenAIChatBackend:
                 if exc.code not in RETRY_STATUS and exc.code < 500:
                     break
                 retry_after = exc.headers.get("Retry-After") if exc.headers else None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            except (urllib.error.URLError, TimeoutError, ConnectionError,
+                    http.client.HTTPException) as exc:  # HTTPException: a cut-off answer
                 last = f"{type(exc).__name__} from {self.url}: {getattr(exc, 'reason', exc)}"
             except (KeyError, IndexError, TypeError, json.JSONDecodeError) as exc:
                 last = f"malformed response from {self.url}: {type(exc).__name__} {exc}"
@@ -141,11 +173,37 @@ class OpenAIChatBackend:
                 time.sleep(self._delay(attempt, retry_after))
         return Response(key=r.key, error=last, attempts=attempt + 1, seconds=time.time() - t0)
 
+    def stream(self, requests: Iterable[Request], window: int | None = None) -> Iterator[Response]:
+        """Responses as they finish, ``concurrency`` requests in flight (see the module
+        docstring); ``window`` (default 4 x concurrency) bounds how far past the oldest
+        unfinished request new ones start."""
+        window = max(window or 4 * self.concurrency, self.concurrency)
+        todo = iter(requests)
+        running: dict = {}  # future -> request index
+        next_index, exhausted = 0, False
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="synth-http")
+        try:
+            while True:
+                while (not exhausted and len(running) < self.concurrency
+                       and (not running or next_index < min(running.values()) + window)):
+                    req = next(todo, None)
+                    if req is None:
+                        exhausted = True
+                        break
+                    running[pool.submit(self.one, req)] = next_index
+                    next_index += 1
+                if not running:
+                    return
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in sorted(finished, key=running.__getitem__):
+                    del running[fut]
+                    yield fut.result()
+        finally:  # the caller stopped early: queued requests are dropped, none is waited for
+            pool.shutdown(wait=False, cancel_futures=True)
+
     def generate(self, requests: list[Request]) -> list[Response]:
-        if not requests:
-            return []
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests))) as pool:
-            return list(pool.map(self.one, requests))
+        by_key = {r.key: r for r in self.stream(requests)}
+        return [by_key[r.key] for r in requests]
 
 
 class TransformersBackend:
@@ -179,6 +237,17 @@ class TransformersBackend:
                                                   add_generation_prompt=True)
         return text + r.response_prefix
 
+    def stream(self, requests: Iterable[Request], window: int | None = None) -> Iterator[Response]:
+        """Batch after batch, in request order (``window`` is not needed: nothing overtakes)."""
+        batch: list[Request] = []
+        for r in requests:
+            batch.append(r)
+            if len(batch) == self.batch_size:
+                yield from self.generate(batch)
+                batch = []
+        if batch:
+            yield from self.generate(batch)
+
     def generate(self, requests: list[Request]) -> list[Response]:
         import torch
 
@@ -208,4 +277,5 @@ class TransformersBackend:
         return out
 
 
-__all__ = ["OpenAIChatBackend", "Request", "Response", "TransformersBackend"]
+__all__ = ["MAX_DELAY", "OpenAIChatBackend", "Request", "Response", "TransformersBackend",
+           "retry_after_seconds"]

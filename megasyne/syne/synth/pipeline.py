@@ -1,21 +1,33 @@
 """Synthetic scientific QA, end to end: seed pages -> snippets -> prompts -> backend -> filters ->
 JSONL ready for ``tools/preprocess_data.py`` (key ``text``), with provenance and a run report.
 
-Work items are ``(seed page, snippet, sample)``, keyed ``"<seed id>#<snippet>#<sample>"``. Files
-next to ``output`` (``out.jsonl``)::
+Work items are ``(seed page, snippet, sample)``, keyed ``"<seed id>#<snippet>#<sample>"``, in
+seed order. Files next to ``output`` (``out.jsonl``)::
 
-    out.jsonl              kept pairs, one JSON record each (text, problem, solution, discipline,
-                           lang, seed_id, seed_source, snippet, sample, model, backend,
-                           templates_sha256, created_at, key, id)
-    out.jsonl.state.jsonl  one line per finished item: {"key", "outcome"} (outcome "kept" or the
-                           filter that dropped it)
-    out.jsonl.run.json     the settings the items were made with (a resume must match them)
-    out.jsonl.report.json  counts at every filter, this run and in total (written atomically)
+    out.jsonl                  kept pairs, one JSON record each (text, problem, solution,
+                               discipline, lang, seed_id, seed_source, snippet, sample, model,
+                               backend, templates_sha256, created_at, key, id), in item order
+    out.jsonl.state.jsonl      one line per judged item: {"key", "outcome"} (outcome "kept" or
+                               the filter that dropped it)
+    out.jsonl.responses.jsonl  every answer, journalled as it arrives (before judging)
+    out.jsonl.failures.jsonl   requests that still failed after their retries, with the error
+    out.jsonl.run.json         the settings the items were made with (a resume must match them)
+    out.jsonl.report.json      counts at every filter, this run and in total (written atomically)
 
-Resume: an item is finished once its state line is on disk (the kept record is appended, and
-fsynced, first). A restart drops a half-written last line, forgets records whose state line is
-missing (the item is redone), rebuilds the near-duplicate index from the kept records and goes on
-with the unfinished items. Backend errors are not recorded: the next run retries those items.
+Filters (megasyne.syne.synth.filters), first to last: truncated, parse, validate, code block
+(code disciplines), contamination, near-duplicate; a seed snippet that overlaps a benchmark is
+not sent at all (outcome ``seed_contaminated``).
+
+Order: an HTTP backend keeps ``--concurrency`` requests in flight and answers come back in any
+order; they are judged in item order (an answer waits until those before it are back), so
+the near-duplicate filter, hence the kept set and the output file, do not depend on the order
+answers arrive in.
+
+Resume (megasyne.syne.synth.store): an answer is journalled the moment it arrives, so a rerun
+never requests an item whose answer came back; it judges the journalled answers it has not
+judged yet, in the same order, and requests only what is missing. A request that fails after
+its retries is written to the failures file and the item stays pending: the next run requests
+it again (and, coming later, judges it after the items judged before it).
 """
 
 from __future__ import annotations
@@ -30,15 +42,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megasyne.atomic import atomic_write_json, atomic_write_text
+from megasyne.atomic import atomic_write_json
 from megasyne.jsonl import read_jsonl
 from megasyne.syne.synth.filters import (  # SynthError: defined there, the lowest module
     Contamination,
     NearDuplicates,
     SynthError,
+    parse_code,
     parse_qa,
     validate,
 )
+from megasyne.syne.synth.store import RunFiles
 from megasyne.syne.synth.templates import Disciplines
 
 OUTPUT_LABELS = {"en": ("Problem:", "Solution:"), "zh": ("问题：", "解答：")}
@@ -67,20 +81,32 @@ class SynthConfig:
     min_snippet_chars: int = 200
     max_snippets_per_page: int = 2
     benchmark_files: list[str] = field(default_factory=list)
+    benchmark_fields: list[str] = field(default_factory=list)
+    """Only the strings under these keys of JSON benchmark records (empty: every string)."""
     contamination_n: int = 13
     contamination_n_cjk: int = 20
     dedup_threshold: float = 0.8
     keep_truncated: bool = False
     """Keep answers cut by the token limit (dropped as 'truncated' by default)."""
-    chunk: int = 16
-    """Items generated per round (a round's results are filtered and saved in order)."""
+    window: int | None = None
+    """HTTP: most requests started past the oldest unfinished one (default 4 x concurrency);
+    answers that overtake it wait in memory to be judged in item order."""
+    sync_seconds: float = 0.5
+    """Judged items are made durable (fsync) at most this often; a crash redoes at most that
+    much judging, from the answer journal (nothing is requested again)."""
     max_items: int | None = None
     restart: bool = False
     rejects: str | None = None
     """Also write every dropped answer ({key, outcome, text}) to this JSONL (for prompt tuning)."""
     progress: bool = True
-    kill_after_items: int | None = None
-    """Tests only: SIGKILL after that many items were finished in this run."""
+    kill_after_responses: int | None = None
+    """Tests only: SIGKILL right after that many answers arrived in this run."""
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise SynthError(f"window must be >= 1 (got {self.window})")
+        if self.sync_seconds < 0:
+            raise SynthError(f"sync_seconds must be >= 0 (got {self.sync_seconds})")
 
 
 def read_seed_pages(path: str, disciplines: Disciplines, *, lang: str = "en",
@@ -169,131 +195,178 @@ def plan_items(seeds: list[Seed], cfg: SynthConfig) -> tuple[list[Item], int]:
     return items, n_snippets
 
 
-def _read_lines(path: Path) -> list[dict]:
-    """JSON lines of ``path``; a torn last line (a crash mid-write) is cut off the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    keep = data if data.endswith(b"\n") or not data else data[:data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
-
-
-def _append(f, record: dict) -> None:
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+def _settings(cfg: SynthConfig, backend, disciplines: Disciplines) -> dict:
+    """What the kept pairs depend on: a resume must match it."""
+    return {"model": backend.model_name, "backend": backend.name,
+            "templates_sha256": disciplines.sha256,
+            "sampling": {k: getattr(backend, k, None) for k in
+                         ("temperature", "top_p", "max_tokens", "max_new_tokens")},
+            "benchmarks": sorted(os.path.abspath(b) for b in cfg.benchmark_files),
+            "benchmark_fields": sorted(cfg.benchmark_fields),
+            **{k: getattr(cfg, k) for k in ("samples_per_snippet", "snippet_chars",
+                                            "min_snippet_chars", "max_snippets_per_page",
+                                            "contamination_n", "contamination_n_cjk",
+                                            "dedup_threshold", "keep_truncated")}}
 
 
 def run_synth(cfg: SynthConfig, backend, disciplines: Disciplines, seeds: list[Seed],
               skipped: dict | None = None) -> dict:
     """Generate, filter and save; returns the report (see the module docstring)."""
-    from tqdm import tqdm
-
     t0 = time.time()
-    out = Path(cfg.output)
-    state_path = out.with_name(out.name + ".state.jsonl")
-    run_path = out.with_name(out.name + ".run.json")
-    settings = {"model": backend.model_name, "backend": backend.name,
-                "templates_sha256": disciplines.sha256,
-                "sampling": {k: getattr(backend, k, None) for k in
-                             ("temperature", "top_p", "max_tokens", "max_new_tokens")},
-                "benchmarks": sorted(os.path.abspath(b) for b in cfg.benchmark_files),
-                **{k: getattr(cfg, k) for k in ("samples_per_snippet", "snippet_chars",
-                                                "min_snippet_chars", "max_snippets_per_page",
-                                                "contamination_n", "contamination_n_cjk",
-                                                "dedup_threshold", "keep_truncated")}}
+    files = RunFiles(cfg.output, rejects=cfg.rejects, sync_seconds=cfg.sync_seconds)
+    run_path = files.sibling(".run.json")
+    settings = _settings(cfg, backend, disciplines)
     if cfg.restart:
-        for p in (out, state_path, run_path):
-            p.unlink(missing_ok=True)
+        files.remove_all()
     if run_path.exists() and json.loads(run_path.read_text()) != settings:
         old = json.loads(run_path.read_text())
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise SynthError(f"{run_path}: {out} was made with other settings (differs in {diff}); "
-                         "use the same settings to resume, another --output, or --restart")
+        raise SynthError(f"{run_path}: {files.out} was made with other settings (differs in "
+                         f"{diff}); use the same settings to resume, another --output, or "
+                         "--restart")
     # read before anything is written: a bad benchmark file leaves no run behind
     contamination = Contamination(cfg.benchmark_files, n=cfg.contamination_n,
-                                  n_cjk=cfg.contamination_n_cjk) if cfg.benchmark_files else None
-    out.parent.mkdir(parents=True, exist_ok=True)
+                                  n_cjk=cfg.contamination_n_cjk,
+                                  fields=tuple(cfg.benchmark_fields) or None) \
+        if cfg.benchmark_files else None
+    files.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_path, settings, indent=2, ensure_ascii=False)
 
-    done = {r["key"]: r["outcome"] for r in _read_lines(state_path)}
-    kept = [r for r in _read_lines(out) if done.get(r.get("key")) == "kept"]
-    if len(kept) != len(_read_lines(out)):  # records of items whose state line never landed
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    done, kept, answers = files.load()
     dedup = NearDuplicates(threshold=cfg.dedup_threshold)
     for r in kept:
         dedup.add(r["key"], r["problem"] + "\n" + r["solution"])
-
     items, n_snippets = plan_items(seeds, cfg)
     pending = [it for it in items if it.key not in done]
     already = len(items) - len(pending)
     if cfg.max_items is not None:
         pending = pending[:cfg.max_items]
-    run = {"requests": 0, "backend_errors": 0}
-    per_disc: dict[str, dict] = {}
-    errors: list[str] = []
-    bar = tqdm(total=len(pending), unit="item", desc="synth_qa", disable=not cfg.progress,
-               dynamic_ncols=True)
-    finished = 0
-    frej = open(cfg.rejects, "a", encoding="utf-8") if cfg.rejects else None
-    with open(out, "a", encoding="utf-8") as fout, open(state_path, "a", encoding="utf-8") as fstate:
-        for c in range(0, len(pending), cfg.chunk):
-            chunk = pending[c:c + cfg.chunk]
-            reqs = []
-            for it in chunk:
-                msgs, prefix = disciplines[it.seed.discipline].messages(it.snippet, it.seed.lang)
-                reqs.append(_request(it.key, msgs, prefix))
-            responses = backend.generate(reqs)
-            for it, resp in zip(chunk, responses):
-                run["requests"] += 1
-                pd = per_disc.setdefault(it.seed.discipline, {"requests": 0, "kept": 0})
-                pd["requests"] += 1
-                bar.update(1)
-                if resp.error is not None:
-                    run["backend_errors"] += 1
-                    if len(errors) < 10:
-                        errors.append(f"{it.key}: {resp.error}")
-                    continue
-                outcome, record = _judge(it, resp, disciplines, cfg, contamination, dedup, backend)
-                if record is None and frej is not None:
-                    _append(frej, {"key": it.key, "outcome": outcome, "text": resp.text})
-                if record is not None:
-                    _append(fout, record)
-                    dedup.add(it.key, record["problem"] + "\n" + record["solution"])
-                    pd["kept"] += 1
-                _append(fstate, {"key": it.key, "outcome": outcome})
-                done[it.key] = outcome
-                run[outcome] = run.get(outcome, 0) + 1
-                finished += 1
-                if cfg.kill_after_items is not None and finished >= cfg.kill_after_items:
-                    os.kill(os.getpid(), signal.SIGKILL)
-    bar.close()
-    if frej is not None:
-        frej.close()
+    tally = _Tally()
+
+    def judge(it: Item, resp) -> None:
+        """Record one answer's outcome (in item order: near-duplicates depend on it)."""
+        tally.count(it, resp)
+        if resp.error is not None:
+            return  # not judged: the item stays pending, the next run requests it again
+        outcome, record = _judge(it, resp, disciplines, cfg, contamination, dedup, backend)
+        if record is not None:
+            dedup.add(it.key, record["problem"] + "\n" + record["solution"])
+        reject = None if record else {"key": it.key, "outcome": outcome, "text": resp.text}
+        files.judged(it.key, outcome, record, reject)
+        done[it.key] = outcome
+        tally.outcome(it, outcome)
+
+    files.open()
+    try:
+        if contamination is not None:  # a seed that overlaps a benchmark is not used at all
+            for it in [it for it in pending if contamination.match(it.snippet)]:
+                files.judged(it.key, "seed_contaminated", None, None)
+                done[it.key] = "seed_contaminated"
+                tally.outcome(it, "seed_contaminated")
+            pending = [it for it in pending if it.key not in done]
+        _generate_in_order(pending, answers, backend, disciplines, cfg, files, judge)
+    finally:
+        files.close()
     total: dict[str, int] = {}
     for o in done.values():
         total[o] = total.get(o, 0) + 1
-    report = {"output": str(out), "model": backend.model_name, "backend": backend.name,
+    report = {"output": str(files.out), "model": backend.model_name, "backend": backend.name,
               "seeds": len(seeds), "seeds_skipped": skipped or {}, "snippets": n_snippets,
               "items": len(items), "items_done_before": already,
-              "this_run": run, "this_run_per_discipline": per_disc, "total": total,
-              "kept_total": total.get("kept", 0),
+              "answers_from_journal": tally.from_journal,
+              "this_run": tally.run, "this_run_per_discipline": tally.per_discipline,
+              "total": total, "kept_total": total.get("kept", 0),
               "pending": sum(it.key not in done for it in items),
-              "backend_error_examples": errors, "benchmarks": settings["benchmarks"],
+              "backend_error_examples": tally.errors, "benchmarks": settings["benchmarks"],
               "contamination_items": contamination.items if contamination else 0,
               "seconds": round(time.time() - t0, 2)}
-    atomic_write_json(out.with_name(out.name + ".report.json"), report, indent=2,
-                      ensure_ascii=False)
+    atomic_write_json(files.sibling(".report.json"), report, indent=2, ensure_ascii=False)
     return report
 
 
-def _request(key, messages, prefix):
-    from megasyne.syne.synth.generators import Request
+class _Tally:
+    """The report's counts of this run."""
 
-    return Request(key=key, messages=messages, response_prefix=prefix)
+    def __init__(self) -> None:
+        self.run = {"requests": 0, "backend_errors": 0}
+        self.per_discipline: dict[str, dict] = {}
+        self.errors: list[str] = []
+        self.from_journal = 0
+
+    def count(self, it: Item, resp) -> None:
+        if getattr(resp, "from_journal", False):
+            self.from_journal += 1
+        else:
+            self.run["requests"] += 1
+            pd = self.per_discipline.setdefault(it.seed.discipline, {"requests": 0, "kept": 0})
+            pd["requests"] += 1
+        if resp.error is not None:
+            self.run["backend_errors"] += 1
+            if len(self.errors) < 10:
+                self.errors.append(f"{it.key}: {resp.error}")
+
+    def outcome(self, it: Item, outcome: str) -> None:
+        self.run[outcome] = self.run.get(outcome, 0) + 1
+        if outcome == "kept":
+            self.per_discipline.setdefault(it.seed.discipline, {"requests": 0, "kept": 0})
+            self.per_discipline[it.seed.discipline]["kept"] += 1
+
+
+def _generate_in_order(pending: list[Item], answers: dict[str, dict], backend,
+                       disciplines: Disciplines, cfg: SynthConfig, files: RunFiles,
+                       judge) -> None:
+    """Request every pending item without a journalled answer (``backend.stream`` keeps its
+    requests in flight), journal each answer or failure as it arrives, and judge the items in
+    their order as soon as all before them are back: the outcome is the same whatever order the
+    answers come in, and a crash loses no answer that arrived."""
+    from tqdm import tqdm
+
+    from megasyne.syne.synth.generators import Request, Response
+
+    ready: dict[str, Response] = {}
+    for it in pending:
+        a = answers.get(it.key)
+        if a is not None:
+            ready[it.key] = Response(key=it.key, text=a["text"], truncated=a["truncated"],
+                                     attempts=a.get("attempts", 1), seconds=a.get("seconds", 0.0))
+            ready[it.key].from_journal = True
+
+    journalled = set(ready)  # fixed now: drain() pops from ready while requests() runs
+
+    def requests():
+        for it in pending:
+            if it.key not in journalled:
+                msgs, prefix = disciplines[it.seed.discipline].messages(it.snippet, it.seed.lang)
+                yield Request(key=it.key, messages=msgs, response_prefix=prefix)
+
+    head, received = 0, 0
+    with tqdm(total=len(pending), unit="item", desc="synth_qa", disable=not cfg.progress,
+              dynamic_ncols=True) as bar:
+        def drain() -> None:
+            nonlocal head
+            while head < len(pending) and pending[head].key in ready:
+                judge(pending[head], ready.pop(pending[head].key))
+                head += 1
+                bar.update(1)
+            files.commit()
+
+        drain()
+        for resp in backend.stream(requests(), window=cfg.window):
+            if resp.error is None:
+                files.answer({"key": resp.key, "text": resp.text, "truncated": resp.truncated,
+                              "attempts": resp.attempts, "seconds": round(resp.seconds, 3)})
+            else:
+                files.failure({"key": resp.key, "error": resp.error, "attempts": resp.attempts,
+                               "time": _dt.datetime.now(_dt.timezone.utc).isoformat(
+                                   timespec="seconds")})
+            ready[resp.key] = resp
+            received += 1
+            if cfg.kill_after_responses is not None and received >= cfg.kill_after_responses:
+                os.kill(os.getpid(), signal.SIGKILL)
+            drain()
+    if head != len(pending) or ready:  # a backend that lost or invented an answer: a bug
+        raise RuntimeError(f"synth_qa: answers and items do not match (item {head} of "
+                           f"{len(pending)}, {len(ready)} answer(s) left over)")
 
 
 def _judge(it: Item, resp, disciplines: Disciplines, cfg: SynthConfig, contamination, dedup,
@@ -307,9 +380,14 @@ def _judge(it: Item, resp, disciplines: Disciplines, cfg: SynthConfig, contamina
     disc = disciplines[it.seed.discipline]
     limits = {k: getattr(disc, k) for k in ("min_problem_chars", "max_problem_chars",
                                              "min_solution_chars", "max_solution_chars")}
-    why = validate(pair, lang=it.seed.lang, seed=it.snippet, limits=limits)
+    why = validate(pair, lang=it.seed.lang, seed=it.snippet, limits=limits, kind=disc.kind)
     if why:
         return why, None
+    code = None
+    if disc.kind == "code":
+        code, why = parse_code(pair.solution)
+        if why:
+            return why, None
     if contamination is not None and contamination.match(pair.problem + "\n" + pair.solution):
         return "contaminated", None
     if dedup.duplicate_of(pair.problem + "\n" + pair.solution) is not None:
@@ -322,6 +400,7 @@ def _judge(it: Item, resp, disciplines: Disciplines, cfg: SynthConfig, contamina
         "lang": it.seed.lang, "seed_id": it.seed.id, "seed_source": it.seed.source,
         "snippet": it.snippet_index, "sample": it.sample, "model": backend.model_name,
         "backend": backend.name, "templates_sha256": disciplines.sha256,
+        **({"code": code} if code is not None else {}),
         "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     return "kept", record

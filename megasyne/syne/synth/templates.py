@@ -11,6 +11,9 @@ from pathlib import Path
 from megasyne.errors import RecipeToolError
 
 PLACEHOLDERS = ("discipline", "guidance", "content")
+KINDS = ("qa", "code")
+"""qa: a problem and a worked solution; code: a programming problem and a solution with its
+Python code in a fenced block (parsed and checked to compile)."""
 ID_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _LIMITS = ("min_problem_chars", "max_problem_chars", "min_solution_chars", "max_solution_chars")
 
@@ -38,6 +41,8 @@ class Discipline:
     prompts: dict[str, Prompt]
     topics: tuple[str, ...] = ()
     keywords: tuple[str, ...] = ()
+    kind: str = "qa"
+    """One of KINDS."""
     min_problem_chars: int = 30
     max_problem_chars: int = 2000
     min_solution_chars: int = 40
@@ -151,12 +156,16 @@ def load_disciplines(path: str | Path) -> Disciplines:
         name = d.get("name")
         if not isinstance(name, str) or not name.strip():
             raise TemplateError(f"{where}.name: expected a non-empty string")
+        kind = d.get("kind", defaults.get("kind", "qa"))
+        if kind not in KINDS:
+            raise TemplateError(f"{where}.kind: {kind!r} is not one of {', '.join(KINDS)}")
         items[did] = Discipline(id=did, name=name, guidance=str(d.get("guidance") or ""),
                                 prompts=prompts, topics=tuple(map(str, d.get("topics") or ())),
-                                keywords=tuple(map(str, d.get("keywords") or ())), **limits)
+                                keywords=tuple(map(str, d.get("keywords") or ())), kind=kind,
+                                **limits)
     if not items:
         raise TemplateError(f"{path}: no disciplines")
     return Disciplines(path=path, sha256=hashlib.sha256(data).hexdigest(), items=items)
 
 
-__all__ = ["Discipline", "Disciplines", "Prompt", "TemplateError", "load_disciplines"]
+__all__ = ["KINDS", "Discipline", "Disciplines", "Prompt", "TemplateError", "load_disciplines"]
