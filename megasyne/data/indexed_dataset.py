@@ -153,7 +153,7 @@ class IndexedDatasetWriter:
         self._state = "open"  # -> "finalized" | "aborted"
 
     # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "IndexedDatasetWriter":
+    def __enter__(self) -> IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -49,17 +49,22 @@ import shutil
 import time
 import uuid
 import zlib
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from megasyne import __version__ as MEGASYNE_VERSION
 from megasyne.data.index_builders import (
-    INDEX_ALGO_VERSION, BlendResult, build_blend, build_sample_index, num_samples_per_epoch,
-    sample_index_dtype)
+    INDEX_ALGO_VERSION,
+    BlendResult,
+    build_blend,
+    build_sample_index,
+    num_samples_per_epoch,
+    sample_index_dtype,
+)
 from megasyne.data.recipe import Recipe, SourceConfig, load_recipe
 from megasyne.errors import DataError
 
@@ -123,7 +128,17 @@ def _array_sha256(a: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def open_source(cfg: SourceConfig, seq_length: int) -> SourceData:
+def _once(cache: dict | None, key: tuple, compute):
+    """``compute()``, once per key within one ``cache`` (sources sharing a dataset: the topic
+    sources of one web corpus read and hash its .idx and metadata columns once, not per topic)."""
+    if cache is None:
+        return compute()
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def open_source(cfg: SourceConfig, seq_length: int, cache: dict | None = None) -> SourceData:
     """Open a source's dataset (and metric field) and fingerprint it."""
     from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 
@@ -145,10 +160,11 @@ def open_source(cfg: SourceConfig, seq_length: int) -> SourceData:
         if metric.dtype.kind == "f" and np.isnan(metric).any():
             raise IndexBuildError(f"source {cfg.name!r}: metric {cfg.metric!r} has NaN at "
                                   f"document {int(np.flatnonzero(np.isnan(metric))[0])}")
-        metric_fp = {"name": cfg.metric, "sha256": _array_sha256(metric)}
+        metric_fp = {"name": cfg.metric, "sha256": _once(
+            cache, ("metric_sha", cfg.prefix, cfg.metric), lambda: _array_sha256(metric))}
     doc_ids, where_fp = None, None
     if cfg.where:
-        doc_ids, where_fp = _select_documents(cfg, ds)
+        doc_ids, where_fp = _select_documents(cfg, ds, cache)
         num_tokens = int(np.asarray(lengths)[doc_ids].sum(dtype=np.int64))
     else:
         num_tokens = int(lengths.sum(dtype=np.int64))
@@ -156,16 +172,16 @@ def open_source(cfg: SourceConfig, seq_length: int) -> SourceData:
     if spe < 1:
         raise IndexBuildError(f"source {cfg.name!r} ({cfg.prefix}): {num_tokens} tokens cannot "
                               f"hold one sample of seq_length + 1 = {seq_length + 1} tokens")
-    fingerprint = {"idx": idx_fingerprint(cfg.prefix), "metric": metric_fp}
+    fingerprint = {"idx": _once(cache, ("idx", cfg.prefix), lambda: idx_fingerprint(cfg.prefix)),
+                   "metric": metric_fp}
     if where_fp is not None:
         fingerprint["where"] = where_fp
     return SourceData(config=cfg, lengths=lengths, metric=metric, num_tokens=num_tokens,
                       samples_per_epoch=spe, fingerprint=fingerprint, doc_ids=doc_ids)
 
 
-def _select_documents(cfg: SourceConfig, ds) -> tuple[np.ndarray, dict]:
+def _select_documents(cfg: SourceConfig, ds, cache: dict | None = None) -> tuple[np.ndarray, dict]:
     """Ids of the documents matching every ``where`` condition, and their fingerprint."""
-    from megasyne.data.metadata import metadata_field_info, read_metadata_field
 
     if ds.num_documents != len(ds):
         raise IndexBuildError(f"source {cfg.name!r}: 'where' needs one sequence per document "
@@ -173,17 +189,26 @@ def _select_documents(cfg: SourceConfig, ds) -> tuple[np.ndarray, dict]:
     keep = np.ones(len(ds), dtype=bool)
     fp = {}
     for field_name, values in cfg.where:
-        categorical = "categories" in metadata_field_info(cfg.prefix, field_name)
-        column = read_metadata_field(cfg.prefix, field_name, decode=categorical)
+        column, sha = _once(cache, ("where", cfg.prefix, field_name),
+                            lambda f=field_name: _where_column(cfg.prefix, f))
         keep &= np.isin(column, np.asarray(values, dtype=column.dtype
                                            if column.dtype.kind != "O" else object))
-        fp[field_name] = {"values": list(values), "sha256": _array_sha256(
-            np.asarray(column, dtype=str) if column.dtype.kind == "O" else column)}
+        fp[field_name] = {"values": list(values), "sha256": sha}
     ids = np.flatnonzero(keep)
     if ids.size == 0:
         raise IndexBuildError(f"source {cfg.name!r}: no document of {cfg.prefix} matches "
                               f"where {dict((f, list(v)) for f, v in cfg.where)}")
     return ids.astype(sample_index_dtype(len(ds))), fp
+
+
+def _where_column(prefix: str, field_name: str) -> tuple[np.ndarray, str]:
+    """A ``where`` field's values (categories decoded) and their fingerprint."""
+    from megasyne.data.metadata import metadata_field_info, read_metadata_field
+
+    categorical = "categories" in metadata_field_info(prefix, field_name)
+    column = read_metadata_field(prefix, field_name, decode=categorical)
+    return column, _array_sha256(np.asarray(column, dtype=str) if column.dtype.kind == "O"
+                                 else column)
 
 
 def _rng(seed: int, name: str, epoch: int, purpose: str) -> np.random.Generator:
@@ -279,7 +304,8 @@ def _epochs_used(cursor: int, spe: int) -> int:
 
 def open_sources(recipe: Recipe) -> list[SourceData]:
     """Every source of the recipe, in source-id order."""
-    return [open_source(recipe.sources[n], recipe.seq_length) for n in recipe.source_names]
+    cache: dict = {}
+    return [open_source(recipe.sources[n], recipe.seq_length, cache) for n in recipe.source_names]
 
 
 def index_inputs(recipe: Recipe, sources: Sequence[SourceData] | None = None) -> dict:

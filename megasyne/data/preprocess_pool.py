@@ -130,7 +130,7 @@ class WorkerPool:
         self._owner: dict[int, int] = {}  # batch number -> worker index
         self._done: dict[int, object] = {}
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -52,7 +52,7 @@ class RecipeError(DataError, ValueError):
         self.path, self.reason = path, reason
         super().__init__(f"{path}: {reason}" if path else reason)
 
-    def under(self, prefix: str) -> "RecipeError":
+    def under(self, prefix: str) -> RecipeError:
         """The same error seen from the enclosing field ``prefix``."""
         if not self.path:
             return RecipeError(prefix, self.reason)
@@ -148,7 +148,7 @@ class WeightNode:
     name: str
     weight: float
     """Relative weight among its siblings (siblings are normalised to sum to 1)."""
-    children: tuple["WeightNode", ...] = ()
+    children: tuple[WeightNode, ...] = ()
 
     def __post_init__(self) -> None:
         w = self.weight
@@ -309,7 +309,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, raw: Any, base_dir: str | os.PathLike | None = None,
-                  path: str | None = None) -> "Recipe":
+                  path: str | None = None) -> Recipe:
         """Validate a parsed YAML mapping; relative prefixes resolve against ``base_dir``."""
         if not isinstance(raw, dict):
             raise RecipeError("", f"a recipe is a mapping, got {type(raw).__name__}")

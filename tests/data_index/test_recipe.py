@@ -99,14 +99,21 @@ def test_syne_recipe_has_the_papers_numbers():
     zh = {"zh_web": 0.70, "zh_encyclopedia": 0.05, "zh_book": 0.20, "zh_qa_forum": 0.05}
     en = {"en_web": 0.40, "en_encyclopedia": 0.05, "en_book": 0.15, "en_qa_forum": 0.05,
           "en_paper": 0.10, "en_math": 0.10, "en_code": 0.15}
+    # Web pages are split into one source per topic: their shares add up to the web share.
+    for w in (w1, w2):
+        for lang in ("zh", "en"):
+            topics = [n for n in w if n.startswith(f"{lang}_web_")]
+            assert len(topics) == 11 and len({w[t] for t in topics}) == 1  # equal to start
+            w[f"{lang}_web"] = math.fsum(w.pop(t) for t in topics)
     for name, share in zh.items():
         assert math.isclose(w1[name], 0.2 * share) and math.isclose(w2[name], 0.1 * share)
     for name, share in en.items():
         assert math.isclose(w1[name], 0.8 * share) and math.isclose(w2[name], 0.7 * share)
     assert "synthetic_qa" not in w1 and math.isclose(w2["synthetic_qa"], 0.2)
     assert math.isclose(sum(w1.values()), 1.0) and math.isclose(sum(w2.values()), 1.0)
-    assert r.sources["zh_web"].order == r.sources["en_web"].order == "ascending:ppl"
-    assert all(s.order == "shuffle" for n, s in r.sources.items() if not n.endswith("_web"))
+    web = [s for n, s in r.sources.items() if "_web_" in n]
+    assert all(s.order == "ascending:ppl" and s.where[0][0] == "topic" for s in web)
+    assert all(s.order == "shuffle" for n, s in r.sources.items() if "_web_" not in n)
 
 
 def test_syne_run_configs_read_the_whole_recipe_and_no_more():

@@ -60,9 +60,9 @@ def test_every_shipped_config_starts_at_its_real_size(work, config):
 def test_a_config_that_cannot_start_is_refused(work, capsys):
     rc, _, _ = _plan(work, "examples/syne/llama3_8b_stage1.yaml", 8, 8, "train_steps=11921")
     assert rc == 2 and "needs 12207104 samples but the recipe" in capsys.readouterr().err
-    rc, plan, _ = _plan(work, "examples/syne/llama3_8b_stage1.yaml", 1, 8,
-                        "parallel.tp=1", "parallel.pp=1", "parallel.sequence_parallel=false")
-    assert rc == 2 and not plan["memory"]["fits"]  # 8B unsharded over 8 GPUs: no
+    rc, plan, _ = _plan(work, "examples/tinyllama/surrogate.yaml", 1, 1, "micro_batch_size=32",
+                        "global_batch_size=64")
+    assert rc == 2 and not plan["memory"]["fits"]  # 32 x 2048 tokens of activations: no
     assert "DOES NOT FIT" in capsys.readouterr().out
     rc, _, _ = _plan(work, "examples/syne/llama3_8b_stage1.yaml", 3, 4)
     assert rc == 2 and "world size 12 is not divisible by tp*pp*cp" in capsys.readouterr().err
