@@ -15,6 +15,8 @@ The contract of a :class:`TokenScorer`::
   answers of a multiple-choice question behind one context cost one forward pass.
 - Padding sits after a row's real tokens and attention is causal, so it never changes the
   logits of a real position.
+- ``MegatronScorer.nll`` also takes packed documents (validation with document masking):
+  ``position_ids`` and ``document_ids`` [u, s], keyword-only; without them, rows are plain.
 - It is a collective over one model replica: every TP / PP rank of the replica calls it with
   the same arguments and returns the same sums. Data-parallel replicas score different rows:
   ``dp_rank`` / ``dp_size`` tell the caller which share is its own.
@@ -152,7 +154,8 @@ class MegatronScorer(TokenScorer):
         self.config = cfg
         return self
 
-    def _micro_batches(self, tokens, labels, mask, rows) -> list[dict]:
+    def _micro_batches(self, tokens, labels, mask, rows, position_ids=None,
+                       document_ids=None) -> list[dict]:
         """Input rows in micro-batches of micro_batch_size (padded with empty rows; their
         number a multiple of PP, which the interleaved schedule needs), each with the label
         rows that read it."""
@@ -167,10 +170,20 @@ class MegatronScorer(TokenScorer):
         y[:, :s] = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
         m = torch.zeros(labels.shape[0], s_pad, dtype=torch.bool)
         m[:, :s] = torch.from_numpy(np.asarray(mask, dtype=bool))
+        pos = torch.arange(s_pad).repeat(n_mb * mbs, 1)                 # [rows, s_pad]
+        if position_ids is not None:
+            pos[: tokens.shape[0], :s] = torch.from_numpy(np.asarray(position_ids, dtype=np.int64))
+        docs = None
+        if document_ids is not None:  # padding: a document of its own after the real tokens
+            docs = torch.zeros(n_mb * mbs, s_pad, dtype=torch.int32)
+            docs[: tokens.shape[0], :s] = torch.from_numpy(np.asarray(document_ids, dtype=np.int32))
+            docs[: tokens.shape[0], s:] = docs[: tokens.shape[0], s - 1:s] + 1
         out = []
         for k in range(n_mb):
             mine = np.nonzero((rows >= k * mbs) & (rows < (k + 1) * mbs))[0]
-            out.append(dict(tokens=t[k * mbs:(k + 1) * mbs].to(self.device),
+            rows_k = slice(k * mbs, (k + 1) * mbs)
+            out.append(dict(tokens=t[rows_k].to(self.device), position_ids=pos[rows_k].to(self.device),
+                            document_ids=None if docs is None else docs[rows_k],  # stays on the CPU
                             label_rows=mine,
                             select=torch.from_numpy(rows[mine] - k * mbs).to(self.device),
                             labels=y[mine].to(self.device), mask=m[mine].to(self.device)))
@@ -187,19 +200,38 @@ class MegatronScorer(TokenScorer):
         nll = unwrap(model).compute_language_model_loss(mb["labels"], logits)  # [b, s]
         return _row_sums(nll, mb["mask"])
 
-    def nll(self, tokens, labels, mask, rows=None):
+    def nll(self, tokens, labels, mask, rows=None, *, position_ids=None, document_ids=None):
+        """See TokenScorer.nll. Packed documents (validation with document masking), both or
+        neither: ``position_ids`` [u, s] replace 0..s-1, and ``document_ids`` [u, s] (ids
+        constant over each document of a row) keep attention inside each document
+        (``megasyne.model.documents``)."""
         from functools import partial
 
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megasyne.model.documents import document_forward, schedule_shape
+
         rows = _check_batch(tokens, labels, mask, rows)
-        mbs_list = self._micro_batches(tokens, labels, mask, rows)
+        if (position_ids is None) != (document_ids is None):
+            raise ValueError("nll: position_ids and document_ids go together (packed documents)")
+        for name, extra in (("position_ids", position_ids), ("document_ids", document_ids)):
+            if extra is not None and np.shape(extra) != tokens.shape:
+                raise ValueError(f"nll: {name} must have the shape of tokens {tokens.shape}, "
+                                 f"got {np.shape(extra)}")
+        mbs_list = self._micro_batches(tokens, labels, mask, rows, position_ids, document_ids)
         s = mbs_list[0]["tokens"].shape[1]
-        pos = torch.arange(s, device=self.device).unsqueeze(0).expand(self.micro_batch_size, s)
 
         def step(data_iterator, model):
             mb = next(data_iterator)
-            return model(mb["tokens"], pos, None), partial(self._loss_func, model, mb)
+            if mb["document_ids"] is not None:
+                logits = document_forward(model, mb["tokens"], mb["position_ids"],
+                                          mb["document_ids"])
+            else:
+                logits = model(mb["tokens"], mb["position_ids"], None)
+            return logits, partial(self._loss_func, model, mb)
+
+        mbs, seq = schedule_shape(self.chunks[0], self.micro_batch_size, s,
+                                  document_ids is not None)
 
         iters = [iter(mbs_list) for _ in self.chunks] if len(self.chunks) > 1 else iter(mbs_list)
         modes = [c.training for c in self.chunks]
@@ -209,8 +241,8 @@ class MegatronScorer(TokenScorer):
             with torch.no_grad():
                 out = get_forward_backward_func()(
                     forward_step_func=step, data_iterator=iters, model=self.chunks,
-                    num_microbatches=len(mbs_list), seq_length=s,
-                    micro_batch_size=self.micro_batch_size, forward_only=True,
+                    num_microbatches=len(mbs_list), seq_length=seq,
+                    micro_batch_size=mbs, forward_only=True,
                     collect_non_loss_data=True)
         finally:
             for c, mode in zip(self.chunks, modes):

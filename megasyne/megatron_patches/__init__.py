@@ -18,8 +18,8 @@ The four patches, in short (details in PATCHES):
 - ``cpu_shims``: CPU only (no CUDA); applied by ``parallel.init.init_parallel``.
 - ``multi_tensor``: where megatron-core picked its local fallbacks at import (neither apex
   nor TE); applied by ``training.optim.build_optimizer``.
-- ``rope_slot``: our kernels on, without TE (the slot is empty then); applied by
-  ``model.builder.transformer_config``.
+- ``rope_slot``: our kernels on, without TE (the slots, plain and packed sequences, are empty
+  then); applied by ``model.builder.transformer_config``.
 - ``wgrad_accumulation``: CUDA without apex once a probe passes, or forced
   (``ModelRuntime.wgrad_fusion=True``); applied by ``model.builder.transformer_config``.
 
@@ -96,11 +96,14 @@ PATCHES = (
     Patch(
         name="rope_slot",
         targets=(("megatron.core.models.common.embeddings.rope_utils",
-                  "fused_apply_rotary_pos_emb"),),
-        active="our Triton kernels on (CUDA by default) and Transformer-Engine absent: the slot "
-               "is None then; TE's function is never replaced",
+                  "fused_apply_rotary_pos_emb"),
+                 ("megatron.core.models.common.embeddings.rope_utils",
+                  "fused_apply_rotary_pos_emb_thd")),
+        active="our Triton kernels on (CUDA by default) and Transformer-Engine absent: the slots "
+               "are None then; TE's functions are never replaced",
         why="without a function in the slot megatron-core refuses apply_rope_fusion and runs "
-            "the unfused RoPE (several elementwise kernels per layer)",
+            "the unfused RoPE (several elementwise kernels per layer); with packed sequences "
+            "(document masking through SDPAttention) it asserts the thd slot is filled",
         apply="apply_rope_slot, from megasyne.model.builder.transformer_config",
     ),
     Patch(

@@ -5,12 +5,19 @@ matrix (8 GiB per layer for Llama-3-8B at s=8192, b=1, bf16) and has no flash pa
 without Transformer-Engine that caps MFU far below what the card can do. This module
 is a drop-in ``core_attention`` for the local layer spec: same constructor and forward
 signature, causal masking, GQA without materialising repeated K/V (``enable_gqa``).
+
+Packed documents (``megasyne.model.documents``) arrive as Megatron-Core's thd format: q/k/v
+[t, heads, hn] of a micro-batch's rows laid end to end, and ``PackedSeqParams`` whose
+cu_seqlens give each document's offsets. Each document is one causal SDPA call on its own
+slice: no [t, t] mask is built, the flash / memory-efficient kernels stay usable, and no work
+is spent on the blocks across documents that a mask would only discard.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -47,8 +54,10 @@ class SDPAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention: packed sequences and attention bias are not supported")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention: attention bias is not supported")
+        if packed_seq_params is not None:
+            return self._per_document(query, key, value, packed_seq_params)
         sq, b = query.shape[0], query.shape[1]
         q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
         k = key.permute(1, 2, 0, 3)    # [b, ng, sk, hn]
@@ -65,3 +74,25 @@ class SDPAttention(MegatronModule):
             enable_gqa=self.heads != self.groups,
         )  # [b, np, sq, hn]
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)  # [sq, b, np*hn]
+
+    def _per_document(self, query, key, value, packed_seq_params):
+        """thd: q [t, np, hn], k/v [t, ng, hn] -> [t, np*hn], causal within each document."""
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention: packed sequences in {packed_seq_params.qkv_format!r} "
+                             f"format are not supported (only thd)")
+        from megasyne.model.documents import document_lengths
+
+        lengths = document_lengths(packed_seq_params)
+        if sum(lengths) != query.shape[0]:
+            raise ValueError(f"SDPAttention: documents of {sum(lengths)} tokens for "
+                             f"{query.shape[0]} packed tokens")
+        dropout = self.dropout if self.training else 0.0
+        outs = []
+        for q, k, v in zip(query.split(lengths), key.split(lengths), value.split(lengths)):
+            out = F.scaled_dot_product_attention(
+                q.permute(1, 0, 2).unsqueeze(0), k.permute(1, 0, 2).unsqueeze(0),
+                v.permute(1, 0, 2).unsqueeze(0), is_causal=True, scale=self.softmax_scale,
+                dropout_p=dropout, enable_gqa=self.heads != self.groups,
+            )  # [1, np, l, hn]
+            outs.append(out[0].permute(1, 0, 2))  # [l, np, hn]
+        return torch.cat(outs).reshape(query.shape[0], -1)  # [t, np*hn]

@@ -204,6 +204,10 @@ def build_model(cfg: LlamaConfig, dims: ParallelDims, runtime: ModelRuntime = Mo
             vp_stage=stage,
             use_triton_cross_entropy=runtime.kernels_on,
             real_vocab_size=cfg.vocab_size,
+            # Packed documents (megasyne.model.documents): PackedSeqParams for the core
+            # attentions that take them (TE's, our SDPA), a block-diagonal mask for Megatron's.
+            document_attention="thd" if runtime.te_on or runtime.attention_backend == "sdpa"
+            else "mask",
         )
         model.llama_config = cfg
         set_rope_frequencies(model, cfg)

@@ -10,7 +10,10 @@ runtime change to Megatron-Core is listed.
 - RoPE: ``fused_rope`` has the signature of Megatron-Core's fused-RoPE slot
   (``rope_utils.fused_apply_rotary_pos_emb``, used when ``config.apply_rope_fusion`` is set).
   Cases our kernel does not cover (interleaved rotary, per-batch angles) go to Megatron-Core's
-  unfused function.
+  unfused function. ``fused_rope_thd`` fills the slot of packed sequences
+  (``fused_apply_rotary_pos_emb_thd``), which Megatron-Core calls instead whenever
+  PackedSeqParams are given (document masking with our SDPA attention): without it, the fused
+  RoPE would be refused there.
 - SwiGLU: Megatron-Core's ``MLP`` calls ``submodules.activation_func`` (a module built with
   the config) on the whole fc1 output when ``config.use_te_activation_func`` is set. Despite
   the name, that branch of ``MLP.forward`` only calls the module (TE is needed only by
@@ -42,6 +45,43 @@ def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, 
     if interleaved or supported(t, freqs) is not None:
         return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
     return RoPEFunction.apply(t, freqs)  # already checked: not again on every call
+
+
+# One-entry cache: the per-token angles of the current forward's packed documents, so that every
+# layer (q and k) rotates with the same tensor and the kernel's cos/sin cache holds across them.
+_packed_cache: tuple | None = None
+
+
+def _packed_freqs(freqs: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total, 1, 1, r]: the angles of each packed token's position inside its own sequence,
+    from ``freqs`` [max_s, 1, 1, r] and the sequences' offsets ``cu_seqlens`` [n + 1]."""
+    global _packed_cache
+    if _packed_cache is not None:
+        f_ref, cu_ref, versions, packed = _packed_cache
+        if f_ref() is freqs and cu_ref() is cu_seqlens \
+                and versions == (freqs._version, cu_seqlens._version):
+            return packed
+    import weakref
+
+    starts = cu_seqlens[:-1].long()
+    lengths = cu_seqlens.diff().long()
+    first = torch.repeat_interleave(starts, lengths, output_size=total)  # [total]: no host sync
+    packed = freqs[torch.arange(total, device=freqs.device) - first.to(freqs.device)]
+    _packed_cache = (weakref.ref(freqs), weakref.ref(cu_seqlens),
+                     (freqs._version, cu_seqlens._version), packed)
+    return packed
+
+
+def fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor,
+                   cp_size: int = 1, cp_rank: int = 0, **_unused):
+    """Megatron-Core's ``fused_apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_size=...,
+    cp_rank=...)`` slot: t [total, n, d] holds packed sequences (document masking's thd path),
+    each rotated from position 0, as ``rope_utils._apply_rotary_pos_emb_thd`` does with
+    freqs [max_s, 1, 1, r] of the longest sequence (its only case in GPTModel)."""
+    if cp_size != 1:
+        raise ValueError("fused RoPE of packed sequences: context parallelism is not supported")
+    packed = _packed_freqs(freqs, cu_seqlens, t.shape[0])  # [total, 1, 1, r]
+    return fused_rope(t.unsqueeze(1), packed).squeeze(1)
 
 
 class SwiGLU(torch.nn.Module):

@@ -1,4 +1,5 @@
-"""Megatron-Core's GPTModel with the loss routed to our Triton vocab-parallel cross-entropy."""
+"""Megatron-Core's GPTModel with the loss routed to our Triton vocab-parallel cross-entropy, and
+RoPE that can follow per-token position ids (document masking)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,47 @@ class LlamaGPTModel(GPTModel):
     """
 
     def __init__(self, *args, use_triton_cross_entropy: bool = False,
-                 real_vocab_size: int | None = None, **kwargs):
+                 real_vocab_size: int | None = None, document_attention: str = "mask",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.use_triton_cross_entropy = use_triton_cross_entropy
         self.real_vocab_size = real_vocab_size
+        if document_attention not in ("mask", "thd"):
+            raise ValueError(f"document_attention must be 'mask' or 'thd', got {document_attention!r}")
+        self.document_attention = document_attention
+        """How packed documents are kept apart (megasyne.model.documents): "thd" when the core
+        attention takes PackedSeqParams, else "mask"."""
+        self._rotary_from_positions = False
+
+    def forward(self, input_ids, position_ids, attention_mask, *args,
+                rotary_from_positions: bool = False, **kwargs):
+        """GPTModel.forward; with ``rotary_from_positions`` the RoPE angle of each token is that
+        of its ``position_ids`` entry ([b, s]) instead of its index in the sequence.
+
+        Megatron-Core's GPTModel reads position_ids only for learned position embeddings: with
+        RoPE it takes the angles of positions 0..s-1 from the sequence length alone
+        (``GPTModel._preprocess``: ``self.rotary_pos_emb(rotary_seq_len)``), so positions that
+        restart at each document would be ignored. Its packed (thd) path restarts RoPE per
+        document from cu_seqlens, but only attention that takes PackedSeqParams can use it
+        (Transformer-Engine's, ours); Megatron's local DotProductAttention refuses them, and
+        its documents get the angles of their own positions here."""
+        self._rotary_from_positions = rotary_from_positions
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            self._rotary_from_positions = False
+
+    def _preprocess(self, *args, **kwargs):
+        out = super()._preprocess(*args, **kwargs)
+        if not self._rotary_from_positions:
+            return out
+        table = out[1]  # [S, 1, 1, r] angles of positions 0..S-1, S = the sequence length
+        if table is None or table.dim() != 4 or table.shape[1] != 1:
+            raise ValueError("rotary_from_positions needs RoPE angles of shape [s, 1, 1, r] "
+                             "(no inference context, no context parallelism)")
+        positions = kwargs["position_ids"].to(table.device)          # [b, s], each < S
+        per_token = table[:, 0, 0, :][positions.t()].unsqueeze(2)     # [s, b, 1, r]
+        return (out[0], per_token, *out[2:])
 
     # Logit given to the vocabulary padding (rows added to divide by 128 x TP): exp(-1e4 - max)
     # is 0 in every dtype, so the padding takes no probability mass. Megatron-LM lets those

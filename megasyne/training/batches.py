@@ -13,6 +13,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megasyne.training.documents import (
+    DocumentMasking,
+    document_ids,
+    eod_loss_mask,
+    reset_position_ids,
+)
+
+NO_MASKING = DocumentMasking()
+
 
 def build_index_on_rank0(recipe_path: str, index_dir: Path, *, keep_stale: bool = False):
     """Rank 0 builds (or validates the cache of) the mixture index; the others wait.
@@ -43,8 +52,17 @@ def build_index_on_rank0(recipe_path: str, index_dir: Path, *, keep_stale: bool 
 
 
 def micro_batches(dataset, *, first_sample: int, per_rank: int, dp_rank: int,
-                  micro_batch_size: int) -> list[dict]:
-    """This DP rank's micro-batches of one step, starting at global sample ``first_sample``."""
+                  micro_batch_size: int, masking: DocumentMasking = NO_MASKING,
+                  eod_id: int | None = None) -> list[dict]:
+    """This DP rank's micro-batches of one step, starting at global sample ``first_sample``.
+
+    With ``masking`` (``megasyne.training.documents``; ``eod_id`` from the data's reports):
+    positions restart after each EOD and ``document_ids`` [b, s] tells the model which tokens
+    may attend to which (``enabled``); the loss skips labels that follow an EOD
+    (``eod_mask_loss``). Without it, the plain causal sample of before.
+    """
+    if masking.needs_eod and eod_id is None:
+        raise ValueError("micro_batches: document masking needs the EOD id of the data")
     start = first_sample + dp_rank * per_rank
     out = []
     for k in range(0, per_rank, micro_batch_size):
@@ -52,14 +70,22 @@ def micro_batches(dataset, *, first_sample: int, per_rank: int, dp_rank: int,
         tokens = torch.from_numpy(np.stack([it["tokens"] for it in items]).astype(np.int64))
         b, s1 = tokens.shape
         seq = s1 - 1
-        out.append(dict(
+        mb = dict(
             tokens=tokens[:, :-1].contiguous(),           # [b, s]
             labels=tokens[:, 1:].contiguous(),            # [b, s]
             loss_mask=torch.ones(b, seq),                 # [b, s]
             position_ids=torch.arange(seq).unsqueeze(0).expand(b, -1),
             source=torch.tensor([int(it["source"]) for it in items]),  # [b]
             sample_ids=list(range(start + k, start + k + micro_batch_size)),
-        ))
+        )
+        inputs = mb["tokens"].numpy()
+        if masking.eod_mask_loss:
+            mb["loss_mask"] = torch.from_numpy(eod_loss_mask(inputs, eod_id))
+        if masking.enabled:
+            docs = document_ids(inputs, eod_id)                          # [b, s]
+            mb["document_ids"] = torch.from_numpy(docs)
+            mb["position_ids"] = torch.from_numpy(reset_position_ids(docs))
+        out.append(mb)
     return out
 
 

@@ -20,6 +20,7 @@ from megasyne.errors import ConfigError  # (also imported from here by the train
 from megasyne.model.config import LlamaConfig
 from megasyne.model.presets import get_preset
 from megasyne.parallel.dims import ParallelConfigError, ParallelDims
+from megasyne.training.documents import DocumentMasking
 from megasyne.training.optim import OptimConfig
 from megasyne.training.schedule import ScheduleConfig
 
@@ -68,6 +69,9 @@ class TrainConfig:
     (torchrun's WORLD_SIZE) unless the config names one (a rehearsal of a bigger run)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    document_masking: DocumentMasking = field(default_factory=DocumentMasking)
+    """Attention, positions and loss kept inside each document of a packed sample
+    (megasyne.training.documents: enabled, eod_mask_loss); off by default."""
     micro_batch_size: int = 1
     """Sequences per micro-batch per data-parallel rank."""
     global_batch_size: int = 8
@@ -146,6 +150,9 @@ class TrainConfig:
         for name, st in self.stage_settings.items():
             if not isinstance(st, StageSettings):
                 raise ConfigError(f"stage_settings.{name} must be a StageSettings")
+        if self.document_masking.enabled and self.parallel.cp > 1:
+            raise ConfigError("document_masking.enabled does not support context parallelism "
+                              "(parallel.cp > 1): use cp=1")
         if self.init_checkpoint and not Path(self.init_checkpoint).exists():
             raise ConfigError(f"init_checkpoint: not found: {self.init_checkpoint}")
         model = self.model_config()  # validates the preset and overrides
@@ -197,7 +204,8 @@ _NumberAwareLoader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-_SECTIONS = {"parallel": ParallelDims, "optim": OptimConfig, "schedule": ScheduleConfig}
+_SECTIONS = {"parallel": ParallelDims, "optim": OptimConfig, "schedule": ScheduleConfig,
+             "document_masking": DocumentMasking}
 
 
 def _parse_value(text: str):

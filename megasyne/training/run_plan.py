@@ -25,6 +25,9 @@ class RunPlan:
     """Global sample where each recipe stage starts, and the end of the last."""
     stage_ranges: dict
     """Recipe stage -> [first step, end step) of the steps it drives."""
+    eod_id: int | None = None
+    """The data's end-of-document token when document masking is on (from the preprocess
+    reports), else None."""
 
     def stage_at(self, step: int) -> str:
         """The recipe stage of optimizer step ``step`` (0-based): that of its first sample."""
@@ -49,12 +52,14 @@ def plan_run(cfg, dataset, model_cfg) -> RunPlan:
     """The run of ``cfg`` over the built index ``dataset``; every check of the data against the
     config and the model (fails with a ConfigError naming the key)."""
     from megasyne.training.batches import check_vocabulary
+    from megasyne.training.documents import eod_token_id
 
     G = cfg.global_batch_size
     try:
         check_vocabulary(dataset, model_cfg.vocab_size, f"recipe {cfg.recipe}")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    eod_id = eod_token_id(dataset, cfg.document_masking, f"recipe {cfg.recipe}")
     if dataset.seq_length > model_cfg.max_position_embeddings:
         raise ConfigError(f"recipe seq_length {dataset.seq_length} exceeds the model's "
                           f"max_position_embeddings {model_cfg.max_position_embeddings}")
@@ -74,4 +79,4 @@ def plan_run(cfg, dataset, model_cfg) -> RunPlan:
     return RunPlan(run_steps=run_steps, total_steps=total_steps, global_batch_size=G,
                    stage_names=tuple(dataset.stage_names),
                    stage_boundaries=tuple(int(b) for b in dataset.stage_boundaries),
-                   stage_ranges=stage_ranges)
+                   stage_ranges=stage_ranges, eod_id=eod_id)

@@ -58,19 +58,36 @@ def gpt_forward_step(data_iterator: Iterator[dict], model, *, num_sources: int =
                      inject_nan: bool = False) -> tuple:
     """Megatron forward_step_func for batches made by ``megasyne.training.batches``."""
     batch = next(data_iterator)
+    # Document masking: the ids stay on the CPU (cu_seqlens are made from them there). Not
+    # popped: with virtual pipeline stages every model chunk reads the same micro-batch dicts.
+    docs = batch.get("document_ids")
     if torch.cuda.is_available():  # batches are built on the CPU from memory-mapped data
         dev = torch.device("cuda", torch.cuda.current_device())
-        batch = {k: _upload(v, dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        batch = {k: _upload(v, dev) if isinstance(v, torch.Tensor) and k != "document_ids" else v
+                 for k, v in batch.items()}
+    if docs is not None:
+        from megasyne.model.documents import document_forward
+
+        output = document_forward(model, batch["tokens"], batch["position_ids"], docs,
+                                  labels=batch["labels"])
+    else:
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(lm_loss_func, batch["loss_mask"], batch.get("source"), num_sources,
                            inject_nan)
 
 
 def run_microbatches(model_chunks: list, data_iterators, *, num_microbatches: int,
                      micro_batch_size: int, seq_length: int, forward_only: bool,
-                     forward_step_func: Callable = gpt_forward_step) -> list:
+                     forward_step_func: Callable = gpt_forward_step,
+                     documents: bool = False) -> list:
+    """``documents``: the micro-batches carry document_ids (document masking), which changes
+    the activations' shape between pipeline stages for some attentions."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megasyne.model.documents import schedule_shape
+
+    micro_batch_size, seq_length = schedule_shape(model_chunks[0], micro_batch_size, seq_length,
+                                                  documents)
     return get_forward_backward_func()(
         forward_step_func=forward_step_func,
         data_iterator=data_iterators,
@@ -84,7 +101,7 @@ def run_microbatches(model_chunks: list, data_iterators, *, num_microbatches: in
 
 def train_step(model_chunks: list, optimizer, data_iterators, *, num_microbatches: int,
                micro_batch_size: int, seq_length: int, num_sources: int = 0,
-               forward_step_func: Callable | None = None) -> StepResult:
+               forward_step_func: Callable | None = None, documents: bool = False) -> StepResult:
     """Zero grads, run all micro-batches forward+backward, reduce grads, step the optimizer.
 
     A non-finite global loss skips the update on every rank (they all see the same
@@ -101,6 +118,7 @@ def train_step(model_chunks: list, optimizer, data_iterators, *, num_microbatche
         model_chunks, data_iterators, num_microbatches=num_microbatches,
         micro_batch_size=micro_batch_size, seq_length=seq_length, forward_only=False,
         forward_step_func=forward_step_func or partial(gpt_forward_step, num_sources=num_sources),
+        documents=documents,
     )
     loss, src_sum, src_tok = reduce_losses(parts, num_sources)
     if not math.isfinite(loss):

@@ -31,6 +31,7 @@ from megasyne.training import metrics as M
 from megasyne.training.batches import build_index_on_rank0, micro_batches
 from megasyne.training.config import ConfigError, TrainConfig, dump_config
 from megasyne.training.data_state import RunData
+from megasyne.training.documents import eod_token_id
 from megasyne.training.hooks import HookContext, build_hooks
 from megasyne.training.hooks.validation import Validator
 from megasyne.training.optim import build_optimizer, wrap_ddp
@@ -95,10 +96,12 @@ class Trainer:
                                 tensorboard=cfg.tensorboard)
         self.validator = None
         if cfg.eval_recipe:
+            eval_set = build_index_on_rank0(cfg.eval_recipe, self.run_dir / "eval_index")
             self.validator = Validator(
-                build_index_on_rank0(cfg.eval_recipe, self.run_dir / "eval_index"),
-                samples=cfg.eval_samples, micro_batch_size=cfg.micro_batch_size,
-                vocab_size=self.model_cfg.vocab_size)
+                eval_set, samples=cfg.eval_samples, micro_batch_size=cfg.micro_batch_size,
+                vocab_size=self.model_cfg.vocab_size, masking=cfg.document_masking,
+                eod_id=eod_token_id(eval_set, cfg.document_masking,
+                                    f"eval_recipe {cfg.eval_recipe}"))
         self.hooks = build_hooks(self)
         self.step = 0
         self.skipped_steps = 0
@@ -115,6 +118,7 @@ class Trainer:
         self.seq_length = self.dataset.seq_length
         self.plan = plan_run(cfg, self.dataset, self.model_cfg)
         self.run_steps, self.total_steps = self.plan.run_steps, self.plan.total_steps
+        self.eod_id = self.plan.eod_id
         self.sources = list(self.dataset.source_names)
 
     # ------------------------------------------------------------------ state
@@ -259,7 +263,8 @@ class Trainer:
         batch = micro_batches(self.dataset, first_sample=self.step * cfg.global_batch_size,
                               per_rank=cfg.global_batch_size // self.dims.dp,
                               dp_rank=ps.get_data_parallel_rank(),
-                              micro_batch_size=cfg.micro_batch_size)
+                              micro_batch_size=cfg.micro_batch_size,
+                              masking=cfg.document_masking, eod_id=self.eod_id)
         iters = [iter(batch) for _ in self.chunks] if len(self.chunks) > 1 else iter(batch)
         data_crc = _data_fingerprint(batch)
         forward = partial(gpt_forward_step, num_sources=len(self.sources),
@@ -268,7 +273,8 @@ class Trainer:
         result = train_step(self.chunks, self.optimizer, iters,
                             num_microbatches=cfg.num_microbatches(self.dims.dp),
                             micro_batch_size=cfg.micro_batch_size, seq_length=self.seq_length,
-                            num_sources=len(self.sources), forward_step_func=forward)
+                            num_sources=len(self.sources), forward_step_func=forward,
+                            documents=cfg.document_masking.enabled)
         elapsed = time.perf_counter() - t0
         self.step += 1
         self._count_nonfinite(result)

@@ -18,11 +18,12 @@ SOURCES = ("en_drama", "en_verse", "zh_poetry")
 G, SEQ, STEPS, STAGE1_STEPS = 8, 32, 10, 6
 
 
-def make_run_files(root: Path, docs_per_source: int = 60) -> None:
+def make_run_files(root: Path, docs_per_source: int = 60, max_doc_chars: int | None = None) -> None:
     """In ``root``: a 512-token BPE, the bundled corpus's first documents of three sources
     preprocessed, ``recipe.yaml`` (stage1 zh:en 2:8 for STAGE1_STEPS steps, stage2 for the rest,
     STEPS steps of G samples of SEQ tokens) and ``base.yaml`` (TP2 on 2 ranks, checkpoints
-    every 2 steps)."""
+    every 2 steps). ``max_doc_chars``: each document cut into documents of at most that many
+    characters (the corpus's are hundreds of tokens: a SEQ-token sample rarely holds two)."""
     import yaml
 
     from megasyne.data.preprocess import PreprocessConfig, run_preprocess
@@ -30,6 +31,11 @@ def make_run_files(root: Path, docs_per_source: int = 60) -> None:
 
     docs = {s: [json.loads(line) for line in (CORPUS / f"{s}.jsonl").open(encoding="utf-8")]
             [:docs_per_source] for s in SOURCES}
+    if max_doc_chars:
+        docs = {s: [{**d, "text": d["text"][i:i + max_doc_chars],
+                     "n_chars": len(d["text"][i:i + max_doc_chars])}
+                    for d in ds for i in range(0, len(d["text"]), max_doc_chars)]
+                for s, ds in docs.items()}
     train_byte_level_bpe((d["text"] for s in SOURCES for d in docs[s]), 512, root / "tokenizer.json")
     for s in SOURCES:
         raw = root / f"{s}.jsonl"

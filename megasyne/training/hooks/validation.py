@@ -15,17 +15,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megasyne.training.documents import DocumentMasking
 from megasyne.training.hooks import Hook, HookContext
+
+NO_MASKING = DocumentMasking()
 
 
 class Validator:
     """Measures the per-source validation loss of model chunks on an eval index."""
 
-    def __init__(self, eval_set, *, samples: int, micro_batch_size: int, vocab_size: int):
+    def __init__(self, eval_set, *, samples: int, micro_batch_size: int, vocab_size: int,
+                 masking: DocumentMasking = NO_MASKING, eod_id: int | None = None):
         self.eval_set = eval_set
         self.samples = samples
         self.micro_batch_size = micro_batch_size
         self.vocab_size = vocab_size
+        self.masking = masking
+        """Document masking as in training (positions, attention and loss mask alike)."""
+        self.eod_id = eod_id
 
     def measure(self, chunks: list) -> dict:
         """{"loss", "ppl", "<source>/loss", "<source>/ppl", ...} (the same on every rank)."""
@@ -40,11 +47,15 @@ class Validator:
         if n == 0:
             return {}
         batch = micro_batches(self.eval_set, first_sample=0, per_rank=n // dp,
-                              dp_rank=ps.get_data_parallel_rank(), micro_batch_size=mbs)
-        rows = {k: torch.cat([mb[k] for mb in batch]).numpy()
-                for k in ("tokens", "labels", "loss_mask", "source")}
+                              dp_rank=ps.get_data_parallel_rank(), micro_batch_size=mbs,
+                              masking=self.masking, eod_id=self.eod_id)
+        keys = ["tokens", "labels", "loss_mask", "source"]
+        keys += ["position_ids", "document_ids"] if self.masking.enabled else []
+        rows = {k: torch.cat([mb[k] for mb in batch]).numpy() for k in keys}
         scorer = MegatronScorer(chunks, vocab_size=self.vocab_size, micro_batch_size=mbs)
-        nll, count = scorer.nll(rows["tokens"], rows["labels"], rows["loss_mask"] > 0)
+        nll, count = scorer.nll(rows["tokens"], rows["labels"], rows["loss_mask"] > 0,
+                                position_ids=rows.get("position_ids"),
+                                document_ids=rows.get("document_ids"))
         sources = list(self.eval_set.source_names)
         table = np.zeros((len(sources), 2), dtype=np.float64)    # [source, (nll_sum, tokens)]
         np.add.at(table[:, 0], rows["source"], nll)
