@@ -43,7 +43,9 @@ host=${MEGASYNE_RDZV_HOST:-}
 if [[ -z $host ]]; then
   [[ -n ${SLURM_JOB_NODELIST:-} ]] ||
     die "SLURM_JOB_NODELIST is not set: run inside a Slurm allocation or set MEGASYNE_RDZV_HOST"
-  host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  # sed reads the whole list: `head -n 1` would exit early and, under pipefail, fail the
+  # script whenever scontrol is still writing (SIGPIPE, status 141; seen with 8 nodes).
+  host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
   [[ -n $host ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' printed no host"
 fi
 port=${MEGASYNE_RDZV_PORT:-29500}
