@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 
-from megasyne.checkpoint.integrity import CHUNK, file_digest
+from megasyne.checkpoint.integrity import file_digest, read_chunks
 
 
 def _write(path: str, gib: float) -> float:
@@ -43,14 +43,7 @@ def _write(path: str, gib: float) -> float:
 
 def _read_with(path: str, update) -> float:
     t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            update(view[:n])
+    read_chunks(path, update)
     return time.perf_counter() - t0
 
 

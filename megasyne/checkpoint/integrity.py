@@ -24,11 +24,9 @@ import torch.distributed as dist
 CHUNK = 16 << 20  # bytes read per update: large enough to run at memory speed
 
 
-def file_digest(path: str | os.PathLike) -> tuple[int, str]:
-    """(size in bytes, xxh3_64 hex digest) of a file, read in chunks."""
-    import xxhash
-
-    h = xxhash.xxh3_64()
+def read_chunks(path: str | os.PathLike, update) -> int:
+    """Feed the file to ``update(memoryview)`` in CHUNK-sized pieces (one reused buffer);
+    returns its size in bytes."""
     size = 0
     with open(path, "rb", buffering=0) as f:
         buf = bytearray(CHUNK)
@@ -37,8 +35,17 @@ def file_digest(path: str | os.PathLike) -> tuple[int, str]:
             n = f.readinto(buf)
             if not n:
                 break
-            h.update(view[:n])
+            update(view[:n])
             size += n
+    return size
+
+
+def file_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """(size in bytes, xxh3_64 hex digest) of a file, read in chunks."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    size = read_chunks(path, h.update)
     return size, h.hexdigest()
 
 
@@ -118,4 +125,4 @@ def verify_checkpoint_files(directory: Path, expected: dict[str, list]) -> list[
 
 
 __all__ = ["check_files", "digest_checkpoint", "digest_files", "file_digest", "list_files",
-           "verify_checkpoint_files"]
+           "read_chunks", "verify_checkpoint_files"]
