@@ -3,7 +3,8 @@
 Every reader of user-supplied JSONL (evaluation sets, labelled topic data, pages to label,
 seed pages for QA synthesis) goes through ``read_jsonl``: blank lines are skipped, a line
 that is not JSON or not a JSON object raises the caller's error class with ``path:line``,
-and ``.gz`` files are read transparently.
+and ``.gz`` files are read transparently. The append-only JSONL files megasyne writes itself
+(metrics, synthesis journals) may end in a torn line after a kill: ``cut_torn_tail``.
 """
 
 from __future__ import annotations
@@ -45,3 +46,16 @@ def read_jsonl(path: str | os.PathLike, error: type[Exception]) -> Iterator[tupl
                 yield n, rec
         except (OSError, EOFError) as exc:  # a damaged .gz, a read error
             raise error(f"{path}: cannot read it after line {n} ({exc})") from None
+
+
+def cut_torn_tail(path: str | os.PathLike) -> tuple[int, str] | None:
+    """For an append-only JSONL file this program writes itself (each line in one write,
+    newline last): a last line without its newline is what a kill mid-write leaves. Cut it off
+    the file and return ``(its line number, its text)``; None when the file ends cleanly."""
+    with open(path, "r+b") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return None
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    return data.count(b"\n") + 1, data[keep:].decode("utf-8", errors="replace")

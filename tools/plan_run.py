@@ -45,11 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, missing_init = load_plan_config(args.config, args.set,
                                              world_size=args.nodes * args.gpus_per_node)
-        notes = [f"init_checkpoint {missing_init} is not on this machine: its model is checked "
-                 f"against the config when the run starts"] if missing_init else []
         with tempfile.TemporaryDirectory(prefix="megasyne-plan-") as tmp:
             options = PlanOptions(card=args.card, mfu=args.mfu, work_dir=args.work_dir or tmp)
-            result = plan(cfg, options, notes=notes)
+            result = plan(cfg, options, absent_init_checkpoint=missing_init)
     except MegasyneError as exc:
         return report(exc)
     print(format_plan(result))

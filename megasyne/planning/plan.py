@@ -54,10 +54,12 @@ class PlanOptions:
             raise ConfigError(f"mfu must be in (0, 1], got {self.mfu}")
 
 
-def plan(cfg, options: PlanOptions, *, notes: list[str] | None = None) -> dict:
-    """The plan of run ``cfg`` (a validated TrainConfig at its real world size)."""
+def plan(cfg, options: PlanOptions, *, absent_init_checkpoint: str | None = None) -> dict:
+    """The plan of run ``cfg`` (a validated TrainConfig at its real world size);
+    ``absent_init_checkpoint``: the config's init_checkpoint, not on this machine (left out of
+    ``cfg`` by ``load_plan_config``), whose model the run checks when it starts."""
     model_cfg = cfg.model_config()
-    notes = list(notes or [])
+    notes: list[str] = []
     dataset, standins = _build_index(cfg.recipe, Path(options.work_dir) / "train",
                                      vocab_size=model_cfg.vocab_size, doc_tokens=options.doc_tokens)
     from megasyne.training.run_plan import plan_run
@@ -67,7 +69,10 @@ def plan(cfg, options: PlanOptions, *, notes: list[str] | None = None) -> dict:
         eval_set, _ = _build_index(cfg.eval_recipe, Path(options.work_dir) / "eval",
                                    vocab_size=model_cfg.vocab_size, doc_tokens=options.doc_tokens)
         _check_hooks(cfg, dataset, eval_set, Path(options.work_dir), notes)
-    if not any("init_checkpoint" in n for n in notes):
+    if absent_init_checkpoint:
+        notes.append(f"init_checkpoint {absent_init_checkpoint} is not on this machine: its "
+                     f"model is checked against the config when the run starts")
+    else:
         notes += _check_init_checkpoint(cfg, model_cfg)
     card = CARDS[options.card]
     memory = _memory(cfg, model_cfg, dataset.seq_length)
@@ -195,9 +200,6 @@ def _check_init_checkpoint(cfg, model_cfg) -> list[str]:
         return ["no init_checkpoint: the run starts from random weights"]
     from megasyne.checkpoint.dist import check_model_compatible, read_manifest
 
-    if not Path(cfg.init_checkpoint).exists():
-        return [f"init_checkpoint {cfg.init_checkpoint} is not on this machine: its model is "
-                f"checked against the config when the run starts"]
     check_model_compatible(read_manifest(cfg.init_checkpoint), model_cfg.to_dict(),
                            cfg.init_checkpoint)
     return []

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megasyne.atomic import atomic_write_text
 from megasyne.errors import DataError
+from megasyne.jsonl import cut_torn_tail
 
 # Dense bf16 peak per card (vendor datasheets; SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "H800": 989e12}
@@ -57,18 +58,17 @@ class MetricsLog:
         anywhere else is a corrupt file, reported with its line number."""
         if not self.is_writer or not self.path.exists():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        torn = cut_torn_tail(self.path)
+        if torn is not None:
+            warnings.warn(f"{self.path}:{torn[0]}: dropping a torn last line (the run was "
+                          f"killed while writing it): {torn[1][:80]!r}", stacklevel=2)
         kept = []
-        for n, line in enumerate(lines, 1):
+        for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except ValueError:
-                if n == len(lines):
-                    warnings.warn(f"{self.path}:{n}: dropping a torn last line (the run was "
-                                  f"killed while writing it): {line[:80]!r}", stacklevel=2)
-                    continue
                 raise MetricsError(f"{self.path}:{n}: not a JSON record ({line[:80]!r}); "
                                    f"repair or remove that line to resume") from None
             if record.get("step", 0) <= step:

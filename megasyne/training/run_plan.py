@@ -6,6 +6,7 @@ user reads before renting GPUs is the run they get.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from megasyne.errors import ConfigError
@@ -31,9 +32,8 @@ class RunPlan:
 
     def stage_at(self, step: int) -> str:
         """The recipe stage of optimizer step ``step`` (0-based): that of its first sample."""
-        sample = step * self.global_batch_size
-        k = max(i for i, b in enumerate(self.stage_boundaries[:-1]) if b <= sample)
-        return self.stage_names[k]
+        k = bisect.bisect_right(self.stage_boundaries, step * self.global_batch_size) - 1
+        return self.stage_names[min(k, len(self.stage_names) - 1)]
 
     def lr_at(self, step: int, cfg) -> tuple[float, str]:
         """(LR, stage name) of step ``step``: the stage's own schedule where the config's

@@ -117,9 +117,10 @@ class Trainer:
                                 adaptive=cfg.adaptive is not None)
         self.seq_length = self.dataset.seq_length
         self.plan = plan_run(cfg, self.dataset, self.model_cfg)
-        self.run_steps, self.total_steps = self.plan.run_steps, self.plan.total_steps
-        self.eod_id = self.plan.eod_id
         self.sources = list(self.dataset.source_names)
+        # For each step's metrics: fixed for the run, so looked up once.
+        self.flops_per_token = self.model_cfg.flops_per_token(self.seq_length)
+        self.peak_flops = M.peak_flops_per_device()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -232,21 +233,21 @@ class Trainer:
             if len(start) > 1:
                 self.log.write(start)
         preempt = Preemption()
-        while self.step < self.total_steps:
+        while self.step < self.plan.total_steps:
             record = self.train_one_step()
             self.run_hooks(self.step, record)
             self.log.write(record)
-            if self.step % cfg.log_interval == 0 or self.step == self.total_steps:
+            if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
                 print0(M.console_line(record))
             stop = preempt.agreed() or self.step == cfg.exit_at_step
             if (cfg.save_interval and self.step % cfg.save_interval == 0) \
-                    or self.step == self.total_steps or stop:
+                    or self.step == self.plan.total_steps or stop:
                 self.save()
             if stop:
                 why = "exit_at_step reached" if self.step == cfg.exit_at_step else "SIGTERM received"
                 print0(f"{why}: checkpointed at step {self.step}, exiting")
                 break
-        if self.step == self.total_steps and cfg.stop_after_stage:
+        if self.step == self.plan.total_steps and cfg.stop_after_stage:
             print0(f"stage {cfg.stop_after_stage} done at step {self.step}; rerun without "
                    f"stop_after_stage (same run_dir) to continue into the next stage")
         self.log.close()
@@ -264,7 +265,7 @@ class Trainer:
                               per_rank=cfg.global_batch_size // self.dims.dp,
                               dp_rank=ps.get_data_parallel_rank(),
                               micro_batch_size=cfg.micro_batch_size,
-                              masking=cfg.document_masking, eod_id=self.eod_id)
+                              masking=cfg.document_masking, eod_id=self.plan.eod_id)
         iters = [iter(batch) for _ in self.chunks] if len(self.chunks) > 1 else iter(batch)
         data_crc = _data_fingerprint(batch)
         forward = partial(gpt_forward_step, num_sources=len(self.sources),
@@ -309,8 +310,8 @@ class Trainer:
         G, world = self.cfg.global_batch_size, self.dims.world_size
         tokens = G * self.seq_length
         tok_s = tokens / elapsed
-        tflops = self.model_cfg.flops_per_token(self.seq_length) * tok_s / world / 1e12
-        peak = M.peak_flops_per_device()
+        tflops = self.flops_per_token * tok_s / world / 1e12
+        peak = self.peak_flops
         return dict(
             step=self.step, stage=stage, consumed_samples=self.step * G,
             consumed_tokens=self.step * tokens, loss=result.loss, lr=lr,

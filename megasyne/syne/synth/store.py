@@ -30,18 +30,21 @@ import time
 from pathlib import Path
 
 from megasyne.atomic import atomic_write_text
+from megasyne.errors import RecipeToolError
+from megasyne.jsonl import cut_torn_tail, read_jsonl
+
+
+class StoreError(RecipeToolError, ValueError):
+    """A synthesis state file that cannot be read back (a corrupt line other than a torn last one)."""
 
 
 def read_lines(path: Path) -> list[dict]:
     """JSON lines of ``path``; a torn last line (a crash mid-write) is cut off the file."""
     if not path.exists():
         return []
-    data = path.read_bytes()
-    keep = data if data.endswith(b"\n") or not data else data[:data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
+    cut_torn_tail(path)
+    return [rec for _, rec in read_jsonl(path, StoreError)]
+
 
 
 def _line(record: dict) -> str:

@@ -33,6 +33,8 @@ class Validator:
         self.masking = masking
         """Document masking as in training (positions, attention and loss mask alike)."""
         self.eod_id = eod_id
+        self._rows: dict | None = None
+        """This rank's share of the held-out samples, read once: they are the same every time."""
 
     def measure(self, chunks: list) -> dict:
         """{"loss", "ppl", "<source>/loss", "<source>/ppl", ...} (the same on every rank)."""
@@ -46,12 +48,14 @@ class Validator:
         n = min(self.samples, len(self.eval_set)) // (dp * mbs) * dp * mbs
         if n == 0:
             return {}
-        batch = micro_batches(self.eval_set, first_sample=0, per_rank=n // dp,
-                              dp_rank=ps.get_data_parallel_rank(), micro_batch_size=mbs,
-                              masking=self.masking, eod_id=self.eod_id)
-        keys = ["tokens", "labels", "loss_mask", "source"]
-        keys += ["position_ids", "document_ids"] if self.masking.enabled else []
-        rows = {k: torch.cat([mb[k] for mb in batch]).numpy() for k in keys}
+        if self._rows is None:
+            batch = micro_batches(self.eval_set, first_sample=0, per_rank=n // dp,
+                                  dp_rank=ps.get_data_parallel_rank(), micro_batch_size=mbs,
+                                  masking=self.masking, eod_id=self.eod_id)
+            keys = ["tokens", "labels", "loss_mask", "source"]
+            keys += ["position_ids", "document_ids"] if self.masking.enabled else []
+            self._rows = {k: torch.cat([mb[k] for mb in batch]).numpy() for k in keys}
+        rows = self._rows
         scorer = MegatronScorer(chunks, vocab_size=self.vocab_size, micro_batch_size=mbs)
         nll, count = scorer.nll(rows["tokens"], rows["labels"], rows["loss_mask"] > 0,
                                 position_ids=rows.get("position_ids"),
