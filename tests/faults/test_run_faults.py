@@ -280,3 +280,44 @@ def test_the_kernel_releases_a_dead_holders_lock(tmp_path):
         except RunDirBusy:
             assert time.time() < deadline
             time.sleep(0.05)
+
+
+def test_a_failed_publish_on_rank_0_fails_every_rank_instead_of_hanging(tmp_path):
+    from tests.launch import run_torchrun
+
+    run_torchrun("tests/faults/publish_worker.py", 2, tmp_path, timeout=180)
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert rank0.startswith("CheckpointError: no space left on device while writing")
+    # rank 1 learns rank 0's outcome (and reports it as what it was: a full disk)
+    assert rank1.startswith("CheckpointError: no space left on device while writing")
+    assert not list((tmp_path / "checkpoints").glob("iter_*"))  # nothing published, no .tmp
+
+
+class _Index:
+    """What RunData reads of a mixture index: fingerprint, inputs, sources, per-sample sources."""
+
+    def __init__(self, fingerprint: str, source_id, names=("a", "b")):
+        self.fingerprint, self.source_names = fingerprint, list(names)
+        self.source_id = np.asarray(source_id, dtype=np.int16)
+        self.meta = {"inputs": {"code_version": 1, "recipe": {"fp": fingerprint}, "sources": {}}}
+
+    def __len__(self):
+        return len(self.source_id)
+
+
+def test_data_identity_guards_without_a_run():
+    from megasyne.training.data_state import DataIdentityError, RunData
+
+    now = _Index("new", [0, 1, 0, 1, 0, 0])
+    saved = {"fingerprint": "old", "inputs": {"code_version": 1, "recipe": {"fp": "old"},
+                                              "sources": {}},
+             "cursors": {"a": 2, "b": 2}, "rebase": None}
+    with pytest.raises(DataIdentityError, match="cannot be combined with the adaptive"):
+        RunData(now, rebase_allowed=True, adaptive=True).check(saved, 4, checkpoint="ck")
+    with pytest.raises(DataIdentityError, match="fewer than the 9 the run has consumed"):
+        RunData(now, rebase_allowed=True, adaptive=False).check(saved, 9, checkpoint="ck")
+    same = dict(saved, fingerprint="new", cursors={"a": 3, "b": 1})  # it read a, b, a, b
+    with pytest.raises(DataIdentityError, match=r"differ from the saved ones .*'a': \(3, 2\)"):
+        RunData(now, rebase_allowed=False, adaptive=False).verify(same, 4, checkpoint="ck")
+    RunData(now, rebase_allowed=False, adaptive=False).verify(
+        dict(same, cursors={"a": 2, "b": 2}), 4, checkpoint="ck")  # the positions it reached
