@@ -222,7 +222,7 @@ def run_score(cfg: ScoreConfig, scorer) -> dict | None:
     bar = tqdm(total=total_docs, unit="doc", desc=f"score_ppl {cfg.field}", dynamic_ncols=True,
                disable=not (cfg.progress and rank == 0))
     windows = tokens = saved = 0
-    t_scoring = time.perf_counter()
+    t_scoring, cpu_scoring = time.perf_counter(), time.process_time()
     for b in mine:
         start, stop = store.block_range(b)
         nll, count, n_windows = score_block(ds, start, stop, scorer, cfg)
@@ -235,12 +235,14 @@ def run_score(cfg: ScoreConfig, scorer) -> dict | None:
         if saved == cfg.kill_after_blocks:
             _crash(scorer)
     scoring_seconds = time.perf_counter() - t_scoring
+    scoring_cpu_seconds = time.process_time() - cpu_scoring  # all threads of this process
     bar.close()
     scorer.barrier()
     own = {"blocks_resumed": resumed, "blocks_scored_by_rank0": len(mine),
            "dp_size": scorer.dp_size, "docs_scored_rank0": total_docs,
            "windows_rank0": windows, "tokens_scored_rank0": tokens,
            "scoring_seconds_rank0": round(scoring_seconds, 3),
+           "scoring_cpu_seconds_rank0": round(scoring_cpu_seconds, 3),
            "tokens_per_s_rank0": round(tokens / scoring_seconds, 1) if scoring_seconds else None}
     report = _publish(cfg, scorer, store, ds, own, total_docs, t0) if rank == 0 else None
     scorer.barrier()
