@@ -69,7 +69,8 @@ class ScoreConfig:
     progress: bool = True
     """tqdm bar (rank 0)."""
     kill_after_blocks: int | None = None
-    """Tests only: SIGKILL this process after saving that many blocks (a crash at a known point)."""
+    """Tests only: a crash at a known point. Every rank SIGKILLs itself once every rank has
+    scored that many blocks, so exactly that many blocks per DP replica are on disk."""
 
     def __post_init__(self) -> None:
         if self.stride is None:
@@ -154,6 +155,45 @@ def perplexity(nll_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
     return ppl.astype(np.float32)
 
 
+def _crash(scorer) -> None:
+    """The crash of ScoreConfig.kill_after_blocks: the barrier first, so that every writer's
+    blocks so far are saved (a rank killed early would make torchrun stop the others at a
+    random point); then SIGKILL, so that no clean-up of any kind runs."""
+    scorer.barrier()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _publish(cfg: ScoreConfig, scorer, store: BlockStore, ds: IndexedDataset, own: dict,
+             own_docs: int, t0: float) -> dict:
+    """Rank 0, every block done: write the field and the report (``own``: rank 0's figures of
+    this run), remove the block state; returns the report."""
+    arrays = store.assemble()
+    ppl = perplexity(arrays["nll_sum"], arrays["count"])
+    write_metadata_field(cfg.prefix, cfg.field, ppl,
+                         description=f"perplexity under {scorer.identity.get('path')} "
+                                     f"(window {cfg.window}, stride {cfg.stride})")
+    finite = ppl[np.isfinite(ppl)]
+    seconds = time.time() - t0
+    report = {
+        "dataset": cfg.prefix, "field": cfg.field, "model": scorer.identity,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("kill_after_blocks",)},
+        "documents": ds.num_documents, "blocks": store.num_blocks, **own,
+        "tokens_scored": int(arrays["count"].sum()),
+        "no_scored_token": int((arrays["count"] == 0).sum()),
+        "ppl_min": float(finite.min()) if finite.size else None,
+        "ppl_median": float(np.median(finite)) if finite.size else None,
+        "ppl_max": float(finite.max()) if finite.size else None,
+        "seconds": round(seconds, 3),
+        "docs_per_s_rank0": round(own_docs / seconds, 3) if seconds > 0 else None,
+    }
+    path = Path(f"{cfg.prefix}.{cfg.field}.report.json")
+    tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    store.remove()
+    return report
+
+
 def run_score(cfg: ScoreConfig, scorer) -> dict | None:
     """Score every document (this rank's share), then rank 0 writes the field; returns the report
     on rank 0 (None elsewhere). Every rank of the job must call it."""
@@ -172,12 +212,17 @@ def run_score(cfg: ScoreConfig, scorer) -> dict | None:
     scorer.barrier()
     store = BlockStore(cfg.state_path, create=False, **store_args)
     resumed = len(store.done_blocks())
-    mine = store.pending(scorer.dp_rank, scorer.dp_size)
+    todo = store.pending()
+    mine = todo[scorer.dp_rank::scorer.dp_size]
     scorer.barrier()  # every rank has listed the pending blocks before anyone saves
+    if cfg.kill_after_blocks is not None and len(todo) // scorer.dp_size < cfg.kill_after_blocks:
+        raise ScoreError(f"--debug-kill-after-blocks {cfg.kill_after_blocks}: some DP replica has "
+                         f"only {len(todo) // scorer.dp_size} of the {len(todo)} pending blocks")
     total_docs = sum(store.block_range(b)[1] - store.block_range(b)[0] for b in mine)
     bar = tqdm(total=total_docs, unit="doc", desc=f"score_ppl {cfg.field}", dynamic_ncols=True,
                disable=not (cfg.progress and rank == 0))
     windows = tokens = saved = 0
+    t_scoring, cpu_scoring = time.perf_counter(), time.process_time()
     for b in mine:
         start, stop = store.block_range(b)
         nll, count, n_windows = score_block(ds, start, stop, scorer, cfg)
@@ -187,38 +232,19 @@ def run_score(cfg: ScoreConfig, scorer) -> dict | None:
             store.save(b, nll_sum=nll, count=count)
         saved += 1
         bar.update(stop - start)
-        if cfg.kill_after_blocks is not None and saved >= cfg.kill_after_blocks:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if saved == cfg.kill_after_blocks:
+            _crash(scorer)
+    scoring_seconds = time.perf_counter() - t_scoring
+    scoring_cpu_seconds = time.process_time() - cpu_scoring  # all threads of this process
     bar.close()
     scorer.barrier()
-    report = None
-    if rank == 0:
-        arrays = store.assemble()
-        ppl = perplexity(arrays["nll_sum"], arrays["count"])
-        write_metadata_field(cfg.prefix, cfg.field, ppl,
-                             description=f"perplexity under {scorer.identity.get('path')} "
-                                         f"(window {cfg.window}, stride {cfg.stride})")
-        finite = ppl[np.isfinite(ppl)]
-        seconds = time.time() - t0
-        report = {
-            "dataset": cfg.prefix, "field": cfg.field, "model": scorer.identity,
-            "config": {k: v for k, v in asdict(cfg).items() if k not in ("kill_after_blocks",)},
-            "documents": ds.num_documents, "blocks": store.num_blocks,
-            "blocks_resumed": resumed, "blocks_scored_by_rank0": len(mine),
-            "dp_size": scorer.dp_size, "windows_rank0": windows, "tokens_scored_rank0": tokens,
-            "tokens_scored": int(arrays["count"].sum()),
-            "no_scored_token": int((arrays["count"] == 0).sum()),
-            "ppl_min": float(finite.min()) if finite.size else None,
-            "ppl_median": float(np.median(finite)) if finite.size else None,
-            "ppl_max": float(finite.max()) if finite.size else None,
-            "seconds": round(seconds, 3),
-            "docs_per_s_rank0": round(total_docs / seconds, 3) if seconds > 0 else None,
-        }
-        path = Path(f"{cfg.prefix}.{cfg.field}.report.json")
-        tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-        store.remove()
+    own = {"blocks_resumed": resumed, "blocks_scored_by_rank0": len(mine),
+           "dp_size": scorer.dp_size, "docs_scored_rank0": total_docs,
+           "windows_rank0": windows, "tokens_scored_rank0": tokens,
+           "scoring_seconds_rank0": round(scoring_seconds, 3),
+           "scoring_cpu_seconds_rank0": round(scoring_cpu_seconds, 3),
+           "tokens_per_s_rank0": round(tokens / scoring_seconds, 1) if scoring_seconds else None}
+    report = _publish(cfg, scorer, store, ds, own, total_docs, t0) if rank == 0 else None
     scorer.barrier()
     return report
 

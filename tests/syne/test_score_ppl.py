@@ -5,11 +5,14 @@ One tiny random Llama (4 layers, GQA 4 heads / 2 groups, vocabulary 300: padded 
 so perplexities differ a lot between documents. 23 documents of 1..129 random tokens (one of a
 single token: nothing to score), windows of 48 tokens every 32 (documents up to 4 windows).
 
-The model is converted in the test process (the streaming single-process path). Launches: one
-2-rank torchrun job scores at TP2, PP2 (3 micro-batches through the pipeline schedule) and DP2
-(blocks dealt to two replicas); two plain runs of the tool: one SIGKILLed after 2 of its 4
-blocks, one that resumes it. The reference is transformers' own strided-window recipe, computed
-in the test process.
+The model is converted in the test process (the streaming single-process path), which then
+scores once at 1 rank, uninterrupted (``ppl_1rank``, the baseline every other run must equal).
+Launches: one 4-rank torchrun job scores at TP2 x DP2, PP2 x DP2 (3 micro-batches through the
+pipeline schedule) and DP4 (blocks dealt to four replicas), then starts a TP2 x DP2 run that
+SIGKILLs every rank once each replica has saved 2 of its 4 blocks; one 2-rank torchrun run of the
+tool (DP2, another layout) resumes it; two plain runs of the tool: one SIGKILLed after 2 of its
+4 blocks, one that resumes it. The reference is transformers' own strided-window recipe,
+computed in the test process.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ import torch
 from megasyne.checkpoint.hf_convert import hf_to_megasyne
 from megasyne.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from megasyne.data.metadata import list_metadata_fields, read_metadata_field
+from megasyne.scorers import MegatronScorer
 from megasyne.syne.blocks import BlockStateError, BlockStore
-from megasyne.syne.ppl import ScoreConfig, document_tokens, plan_windows, reference_perplexity
+from megasyne.syne.ppl import ScoreConfig, document_tokens, plan_windows, reference_perplexity, run_score
 from tests.launch import REPO_ROOT, run_torchrun
 
 WINDOW, STRIDE = 48, 32
 REL_TOL = 1e-3  # the bound examples/syne/README.md states; fp32 on both sides measures ~1e-6
-LAYOUTS = ["tp2:2:1:7", "pp2:1:2:7", "dp2:1:1:3"]
+SAME_TOL = 1e-5  # megasyne at another layout or batching vs megasyne at 1 rank (fp32 rounding)
+LAYOUTS = ["tp2dp2:2:1:5", "pp2dp2:1:2:5", "dp4:1:1:3"]
+CRASH = "crash:2:1:3:2"  # TP2 x DP2, 8 blocks of 3 documents: killed at 2 blocks per replica
 
 
 def _env():
@@ -73,14 +79,23 @@ def work(tmp_path_factory):
     ref = np.array([reference_perplexity(hf, document_tokens(ds, d), WINDOW, STRIDE)
                     for d in range(ds.num_documents)])
     env = dict(os.environ)
-    try:  # the conversion opens (and closes) a 1-rank gloo group; keep its env out of later runs
+    try:  # conversion and scorer open (and close) a 1-rank gloo group; keep its env out of later runs
         hf_to_megasyne(root / "hf", root / "ms", progress=False)
+        scorer = MegatronScorer.from_checkpoint(root / "ms", micro_batch_size=2)
+        try:
+            run_score(ScoreConfig(prefix=prefix, field="ppl_1rank", window=WINDOW, stride=STRIDE,
+                                  batch_size=5, block_size=100, progress=False), scorer)
+        finally:
+            scorer.close()
     finally:
         os.environ.clear()
         os.environ.update(env)
-    run_torchrun(REPO_ROOT / "tests/syne/score_worker.py", 2, root / "ms", prefix, *LAYOUTS,
-                 timeout=600)
-    return dict(root=root, prefix=prefix, ref=ref, ms=root / "ms", hf_model=hf)
+    crash = run_torchrun(REPO_ROOT / "tests/syne/score_worker.py", 4, root / "ms", prefix,
+                         *LAYOUTS, CRASH, timeout=600, check=False)
+    crash_state = f"{prefix}.meta/.ppl_crash.partial"
+    return dict(root=root, prefix=prefix, ref=ref, ms=root / "ms", hf_model=hf, crash=crash,
+                crash_state=crash_state, crash_files=sorted(os.listdir(crash_state)),
+                one_rank=read_metadata_field(prefix, "ppl_1rank"))
 
 
 def _check(got: np.ndarray, ref: np.ndarray) -> float:
@@ -89,6 +104,19 @@ def _check(got: np.ndarray, ref: np.ndarray) -> float:
     rel = np.abs(got[1:].astype(np.float64) / ref[1:] - 1)
     assert rel.max() < REL_TOL, f"max relative difference {rel.max():.3g} at document {rel.argmax() + 1}"
     return float(rel.max())
+
+
+def _same(got: np.ndarray, base: np.ndarray) -> float:
+    """Equal to the 1-rank scores up to fp32 rounding (+inf where nothing was scored)."""
+    assert got.shape == base.shape and np.array_equal(np.isinf(got), np.isinf(base))
+    finite = np.isfinite(base)
+    rel = np.abs(got[finite].astype(np.float64) / base[finite] - 1)
+    assert rel.max() < SAME_TOL, f"max relative difference {rel.max():.3g} from the 1-rank run"
+    return float(rel.max())
+
+
+def test_one_rank_matches_transformers(work):
+    _check(work["one_rank"], work["ref"])
 
 
 def test_reference_is_not_trivial(work):
@@ -107,8 +135,39 @@ def test_windows_follow_transformers_recipe():
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", [s.split(":")[0] for s in LAYOUTS])
-def test_two_ranks_match_transformers(work, layout):
-    _check(read_metadata_field(work["prefix"], f"ppl_{layout}"), work["ref"])
+def test_four_ranks_match_one_rank_and_transformers(work, layout):
+    got = read_metadata_field(work["prefix"], f"ppl_{layout}")
+    _check(got, work["ref"])
+    _same(got, work["one_rank"])
+
+
+@pytest.mark.distributed
+def test_job_killed_under_torchrun_resumes_at_another_layout(work):
+    """The TP2 x DP2 job dies by SIGKILL with blocks 0-3 on disk (2 per replica); a DP2 run of
+    the tool scores only blocks 4-7 and publishes a field equal to the uninterrupted run's. A
+    finished block is proven reused, not rescored: block 1 is doctored on disk (every NLL sum
+    + ln 2 per scored token), and exactly its documents come out with twice the perplexity."""
+    crash, prefix, state = work["crash"], work["prefix"], work["crash_state"]
+    assert crash.returncode != 0 and "SIGKILL" in crash.stderr, crash.stderr[-3000:]
+    blocks = [f"block_{b:08d}.npz" for b in range(4)]
+    assert work["crash_files"] == [*blocks, "run.json"], work["crash_files"]
+    assert "ppl_crash" not in list_metadata_fields(prefix)  # nothing published by the dead job
+    with np.load(f"{state}/{blocks[1]}") as z:
+        nll_sum, count = z["nll_sum"], z["count"]
+    with open(f"{state}/{blocks[1]}", "wb") as f:
+        np.savez(f, nll_sum=nll_sum + count * np.log(2.0), count=count)
+    proc = run_torchrun(REPO_ROOT / "tools/score_ppl.py", 2, "--data-prefix", prefix,
+                        "--checkpoint", work["ms"], "--field", "ppl_crash", "--window", WINDOW,
+                        "--stride", STRIDE, "--batch-size", 5, "--block-size", 3, "--no-progress")
+    report = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    assert (report["blocks"], report["blocks_resumed"], report["dp_size"],
+            report["blocks_scored_by_rank0"]) == (8, 4, 2, 2)  # rank 0: blocks 4 and 6
+    assert not os.path.exists(state)
+    got, expected = read_metadata_field(prefix, "ppl_crash"), work["one_rank"].copy()
+    expected[3:6] *= 2  # block 1: documents 3..5, as doctored
+    _same(got, expected)
+    got[3:6] /= 2
+    _check(got, work["ref"])
 
 
 def test_killed_run_resumes_and_matches_transformers(work):
@@ -124,6 +183,7 @@ def test_killed_run_resumes_and_matches_transformers(work):
     assert (report["blocks"], report["blocks_resumed"], report["blocks_scored_by_rank0"]) == (4, 2, 2)
     assert not os.path.exists(state)
     _check(read_metadata_field(prefix, "ppl"), work["ref"])
+    _same(read_metadata_field(prefix, "ppl"), work["one_rank"])
     assert report["no_scored_token"] == 1
     with open(f"{prefix}.ppl.report.json") as f:
         assert json.load(f)["tokens_scored"] == report["tokens_scored"]
