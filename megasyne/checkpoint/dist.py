@@ -22,6 +22,11 @@ before every load (``megasyne.checkpoint.integrity``); a damaged checkpoint is n
 files, and a run's resume falls back to the previous complete one (:func:`resume_candidates`).
 Because the weights are stored as global tensors with their sharding metadata, a
 checkpoint saved at one TP/PP/DP layout loads at any other.
+Asynchronous saves (``megasyne.checkpoint.async_save``, the trainer's ``async_save``) write
+the same directory in the background from a snapshot of the state at the save's step, and
+publish it with the same :func:`publish` (checksums, manifest, rename, ``latest``) once every
+rank's write is done; until then ``latest`` names the previous checkpoint, so a crash while a
+write is pending loses only that checkpoint.
 """
 
 from __future__ import annotations
