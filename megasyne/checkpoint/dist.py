@@ -22,6 +22,11 @@ before every load (``megasyne.checkpoint.integrity``); a damaged checkpoint is n
 files, and a run's resume falls back to the previous complete one (:func:`resume_candidates`).
 Because the weights are stored as global tensors with their sharding metadata, a
 checkpoint saved at one TP/PP/DP layout loads at any other.
+Asynchronous saves (``megasyne.checkpoint.async_save``, the trainer's ``async_save``) write
+the same directory in the background from a snapshot of the state at the save's step, and
+publish it with the same :func:`publish` (checksums, manifest, rename, ``latest``) once every
+rank's write is done; until then ``latest`` names the previous checkpoint, so a crash while a
+write is pending loses only that checkpoint.
 """
 
 from __future__ import annotations
@@ -81,23 +86,40 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, chunks: list, *,
     ``before_publish(tmp_dir)`` runs on every rank after the sharded write and before the
     rename, for per-rank files (e.g. RNG states) that must be part of the checkpoint.
     A failed save leaves no ``.tmp`` directory; a full disk raises CheckpointError.
+    (``megasyne.checkpoint.async_save`` writes the same checkpoint while training goes on.)
     """
+    from megatron.core import dist_checkpointing
+
     root = Path(root)
-    final = root / iter_name(iteration)
-    tmp = root / (iter_name(iteration) + ".tmp")
+    final, tmp = root / iter_name(iteration), root / (iter_name(iteration) + ".tmp")
     try:
-        _save(root, final, tmp, iteration, chunks, model_config=model_config, layout=layout,
-              optimizer=optimizer, extra=extra, keep_last=keep_last,
-              before_publish=before_publish)
+        state = prepare_save(root, tmp, chunks, optimizer)
+        dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=DIST_OPT_METADATA)
+        if before_publish is not None:
+            before_publish(tmp)
+        _barrier()
+        publish(root, final, tmp, manifest_fields(iteration, model_config, layout, optimizer,
+                                                  extra), keep_last=keep_last)
     except BaseException as exc:  # torch's CheckpointException is a BaseException
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if _no_space(exc):
-            raise CheckpointError(
-                f"no space left on device while writing {tmp}: free space or change run_dir; "
-                f"{_previous(root, final)}") from exc
+        error = failed_save_error(exc, root, final, tmp)
+        if error is not None:
+            raise error from exc
         raise
     return final
+
+
+def failed_save_error(exc: BaseException, root: Path, final: Path,
+                      tmp: Path) -> CheckpointError | None:
+    """After a save failed on every rank: rank 0 removes the ``.tmp`` directory. A full disk
+    gives the CheckpointError to raise (naming the checkpoint and what 'latest' still names);
+    anything else None (the caller re-raises it as it is)."""
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if _no_space(exc):
+        return CheckpointError(
+            f"no space left on device while writing {tmp}: free space or change run_dir; "
+            f"{previous_checkpoint_note(root, final)}")
+    return None
 
 
 # torch's zip writer loses the errno of a failed write: "[enforce fail at inline_container.cc:672]
@@ -125,7 +147,8 @@ def _no_space(exc: BaseException) -> bool:
     return False
 
 
-def _previous(root: Path, final: Path) -> str:
+def previous_checkpoint_note(root: Path, final: Path) -> str:
+    """What a failed save of ``final`` left: the checkpoint ``latest`` still names."""
     latest = root / "latest"
     name = latest.read_text().strip() if latest.is_file() else None
     if name and name != final.name:
@@ -135,10 +158,9 @@ def _previous(root: Path, final: Path) -> str:
     return f"there is no earlier checkpoint in {root}"
 
 
-def _save(root: Path, final: Path, tmp: Path, iteration: int, chunks: list, *, model_config,
-          layout, optimizer, extra, keep_last, before_publish) -> None:
-    from megatron.core import dist_checkpointing
-
+def prepare_save(root: Path, tmp: Path, chunks: list, optimizer) -> dict:
+    """Collective: an empty ``tmp/dist`` (a stale ``.tmp`` of a crashed save removed) and the
+    sharded state dict to write there."""
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -148,18 +170,26 @@ def _save(root: Path, final: Path, tmp: Path, iteration: int, chunks: list, *, m
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=DIST_OPT_METADATA)
-    dist_checkpointing.save(state, str(tmp / "dist"), content_metadata=DIST_OPT_METADATA)
-    if before_publish is not None:
-        before_publish(tmp)
-    _barrier()
+    return state
+
+
+def manifest_fields(iteration: int, model_config: dict, layout: dict, optimizer,
+                    extra: dict | None) -> dict:
+    """The manifest's entries other than the file checksums."""
+    return dict(format=FORMAT, iteration=iteration, model=model_config, layout=layout,
+                has_optimizer=optimizer is not None, extra=extra or {})
+
+
+def publish(root: Path, final: Path, tmp: Path, fields: dict, *, keep_last: int | None) -> None:
+    """Collective, once every rank's files are in ``tmp``: checksums, then on rank 0 the
+    manifest, the rename to ``final``, ``latest`` and the pruning; every rank learns rank 0's
+    outcome (a CheckpointError on failure)."""
     files = digest_checkpoint(tmp, exclude=(MANIFEST,))  # every file's size and checksum
     failure = [None]
     if _rank() == 0:
         try:
-            manifest = dict(format=FORMAT, iteration=iteration, model=model_config,
-                            layout=layout, has_optimizer=optimizer is not None,
-                            extra=extra or {}, files=files)
-            atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+            atomic_write_text(tmp / MANIFEST, json.dumps(dict(fields, files=files), indent=2,
+                                                         default=str))
             if final.exists():  # re-saving the same iteration replaces it
                 shutil.rmtree(final)
             os.replace(tmp, final)

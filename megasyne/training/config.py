@@ -94,6 +94,14 @@ class TrainConfig:
     """Checkpoint every N steps (and at the end, and on SIGTERM)."""
     keep_last: int = 3
     """Checkpoints kept (older ones are deleted after a successful save)."""
+    async_save: bool = False
+    """Write checkpoints in the background (megasyne.checkpoint.async_save): a save blocks
+    training only while the state is snapshotted to host memory. The checkpoint becomes
+    ``latest`` once every rank has written it and its checksums are recorded: checked
+    without waiting after every step, waited for before the next save, at the end of the
+    run, at exit_at_step and SIGTERM stops, and before a resume. A crash meanwhile leaves
+    the previous checkpoint as the latest; a failed write (full disk) is reported, as a
+    CheckpointError naming the checkpoint, at the step where it is found."""
     eval_interval: int | None = None
     """Validation every N steps on eval_recipe (per-source loss and perplexity)."""
     eval_recipe: str | None = None
@@ -106,6 +114,9 @@ class TrainConfig:
     """Write TensorBoard events to run_dir/tensorboard when the package is installed."""
     fault_nan_steps: tuple = ()
     """Testing hook: steps whose loss is replaced by NaN (to exercise the skip path)."""
+    fault_slow_async_write: tuple = ()
+    """Testing hook: steps whose background checkpoint write first sleeps 300 s (to kill a
+    run while that write is pending); needs async_save."""
     stop_after_stage: str | None = None
     """Checkpoint and stop when this recipe stage is done (e.g. run SynE stage I alone;
     a later run with the same run_dir and no stop continues into the next stage)."""
@@ -138,6 +149,11 @@ class TrainConfig:
             raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError("save_interval must be >= 1")
+        if not isinstance(self.async_save, bool):
+            raise ConfigError(f"async_save must be true or false, got {self.async_save!r}")
+        if self.fault_slow_async_write and not self.async_save:
+            raise ConfigError("fault_slow_async_write delays background checkpoint writes: it "
+                              "needs async_save=true")
         if self.eval_interval is not None and not self.eval_recipe:
             raise ConfigError("eval_interval is set but eval_recipe is not")
         if not Path(self.recipe).is_file():
@@ -292,8 +308,9 @@ def from_dict(raw: dict, *, base_dir: str | os.PathLike = ".") -> TrainConfig:
                        for k, v in section.items()}
         kwargs["bench_eval"] = _section("bench_eval", BenchEvalConfig, section,
                                         hint=" (tasks, tokenizer, interval_steps, ...)")
-    if "fault_nan_steps" in kwargs:
-        kwargs["fault_nan_steps"] = tuple(kwargs["fault_nan_steps"] or ())
+    for name in ("fault_nan_steps", "fault_slow_async_write"):
+        if name in kwargs:
+            kwargs[name] = tuple(kwargs[name] or ())
     try:
         return TrainConfig(**kwargs)
     except TypeError as exc:
@@ -325,6 +342,7 @@ def load_config(path: str, overrides: list[str] = ()) -> TrainConfig:
 def dump_config(cfg: TrainConfig, path: Path) -> None:
     data = cfg.to_dict()
     data["fault_nan_steps"] = list(data["fault_nan_steps"])
+    data["fault_slow_async_write"] = list(data["fault_slow_async_write"])
     data["fresh_start"] = False  # done by this launch; the record must not repeat it
     if data.get("adaptive") and data["adaptive"].get("topics") is not None:
         data["adaptive"]["topics"] = list(data["adaptive"]["topics"])

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megasyne.checkpoint import dist as ckpt
+from megasyne.checkpoint.async_save import AsyncCheckpointer
 from megasyne.errors import TrainingError
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.parallel.init import comm_device, init_parallel, launcher_world
@@ -103,6 +104,7 @@ class Trainer:
                 eod_id=eod_token_id(eval_set, cfg.document_masking,
                                     f"eval_recipe {cfg.eval_recipe}"))
         self.hooks = build_hooks(self)
+        self.async_saver = AsyncCheckpointer(log=print0) if cfg.async_save else None
         self.step = 0
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
@@ -161,6 +163,7 @@ class Trainer:
         """Continue from the newest complete checkpoint of the run, if any (else start: from
         init_checkpoint's weights when given)."""
         cfg = self.cfg
+        self.finish_pending_save()  # a checkpoint in flight is published before any load
         if cfg.fresh_start:
             self._set_aside_previous_run()
         path = self._intact_checkpoint()
@@ -215,14 +218,27 @@ class Trainer:
                     print0(f"fresh_start: {old} moved to {aside}")
         dist.barrier()
 
-    def save(self) -> Path:
-        path = ckpt.save_checkpoint(
-            self.run_dir / "checkpoints", self.step, self.chunks,
-            model_config=self.model_cfg.to_dict(), layout=self.dims.layout_dict(),
-            optimizer=self.optimizer, extra=self.state_dict(), keep_last=self.cfg.keep_last,
-            before_publish=partial(_save_rng, rank=self.rank))
-        print0(f"saved checkpoint {path}")
-        return path
+    def save(self) -> Path | None:
+        """Checkpoint this step; returns its directory, or None when it is being written in
+        the background (async_save: published later by finish_pending_save or the loop's
+        per-step poll)."""
+        root = self.run_dir / "checkpoints"
+        what = dict(model_config=self.model_cfg.to_dict(), layout=self.dims.layout_dict(),
+                    optimizer=self.optimizer, extra=self.state_dict(),
+                    keep_last=self.cfg.keep_last, before_publish=partial(_save_rng, rank=self.rank))
+        if self.async_saver is None:
+            path = ckpt.save_checkpoint(root, self.step, self.chunks, **what)
+            print0(f"saved checkpoint {path}")
+            return path
+        blocked = self.async_saver.start(root, self.step, self.chunks, **what,
+                                         slow_write=self.step in self.cfg.fault_slow_async_write)
+        print0(f"checkpoint of step {self.step}: writing in the background (training blocked "
+               f"{blocked:.2f} s)")
+        return None
+
+    def finish_pending_save(self) -> Path | None:
+        """Collective: wait for the checkpoint being written in the background, publish it."""
+        return self.async_saver.wait() if self.async_saver is not None else None
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -233,25 +249,42 @@ class Trainer:
             if len(start) > 1:
                 self.log.write(start)
         preempt = Preemption()
+        try:
+            self._loop(preempt)
+        except TrainingAborted:
+            self.finish_pending_save()  # every rank stops at the same step: collectives are safe
+            raise
+        except BaseException:
+            if self.async_saver is not None:
+                self.async_saver.abort()  # maybe this rank alone failed: no collective
+            raise
+        self.finish_pending_save()
+        if self.step == self.plan.total_steps and cfg.stop_after_stage:
+            print0(f"stage {cfg.stop_after_stage} done at step {self.step}; rerun without "
+                   f"stop_after_stage (same run_dir) to continue into the next stage")
+        self.log.close()
+        return dict(step=self.step, loss=self.last_loss, skipped_steps=self.skipped_steps)
+
+    def _loop(self, preempt: Preemption) -> None:
+        """Steps to the end of the run or a stop; saves when due."""
+        cfg = self.cfg
         while self.step < self.plan.total_steps:
             record = self.train_one_step()
             self.run_hooks(self.step, record)
             self.log.write(record)
             if self.step % cfg.log_interval == 0 or self.step == self.plan.total_steps:
                 print0(M.console_line(record))
+            if self.async_saver is not None:
+                self.async_saver.poll()  # publishes a finished background write
             stop = preempt.agreed() or self.step == cfg.exit_at_step
             if (cfg.save_interval and self.step % cfg.save_interval == 0) \
                     or self.step == self.plan.total_steps or stop:
                 self.save()
             if stop:
+                self.finish_pending_save()
                 why = "exit_at_step reached" if self.step == cfg.exit_at_step else "SIGTERM received"
                 print0(f"{why}: checkpointed at step {self.step}, exiting")
                 break
-        if self.step == self.plan.total_steps and cfg.stop_after_stage:
-            print0(f"stage {cfg.stop_after_stage} done at step {self.step}; rerun without "
-                   f"stop_after_stage (same run_dir) to continue into the next stage")
-        self.log.close()
-        return dict(step=self.step, loss=self.last_loss, skipped_steps=self.skipped_steps)
 
     def train_one_step(self) -> dict:
         """One optimizer step on the next global batch; returns its metrics record."""

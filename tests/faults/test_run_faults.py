@@ -1,9 +1,9 @@
 """Run integrity under faults: what a weeks-long run meets, injected on a small real run.
 
-One module fixture trains 4 steps at DP2 (2 ranks, TP1) and checkpoints at steps 2 and 4, like a
-preempted job. Each test copies that run directory, injects one fault, relaunches and checks
-the guard: nothing acknowledged is lost, nothing is read twice or skipped, and every refusal
-says what to do next.
+One module fixture trains 4 steps at DP2 (2 ranks, TP1) and checkpoints at steps 2 and 4
+(written in the background, async_save), like a preempted job. Each test copies that run
+directory, injects one fault, relaunches and checks the guard: nothing acknowledged is lost,
+nothing is read twice or skipped, and every refusal says what to do next.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ DP2 = ("parallel.tp=1",)
 def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     make_run_files(root)
-    proc = launch(root, "base", *DP2, "exit_at_step=4")
+    # Saved in the background (async_save): the stop at exit_at_step must publish the step-4
+    # write before the exit, and every test below reads these checkpoints like synchronous ones.
+    proc = launch(root, "base", *DP2, "exit_at_step=4", "async_save=true")
     assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "iter_0000004 (written in the background" in proc.stdout
+    assert (root / "base" / "checkpoints" / "latest").read_text() == "iter_0000004\n"
     return root
 
 

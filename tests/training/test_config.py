@@ -19,9 +19,10 @@ def config_file(tmp_path):
 
 def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
     cfg = load_config(str(config_file), ["optim.lr=1e-5", "parallel.pp=2", "train_steps=7",
-                                         "model_overrides.vocab_size=2048"])
+                                         "model_overrides.vocab_size=2048", "async_save=true",
+                                         "fault_slow_async_write=[4]"])
     assert cfg.optim.lr == 1e-5 and cfg.parallel.tp == 2 and cfg.parallel.pp == 2
-    assert cfg.train_steps == 7
+    assert cfg.train_steps == 7 and cfg.async_save and cfg.fault_slow_async_write == (4,)
     assert cfg.model_config().vocab_size == 2048
     assert cfg.run_dir == str(tmp_path / "run") and cfg.recipe == str(tmp_path / "recipe.yaml")
     dump_config(cfg, tmp_path / "resolved.yaml")
@@ -58,6 +59,8 @@ def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
      "bench_eval: tasks: not found"),
     (["parallel.world_size=3"], "world size 3 is not divisible by tp\\*pp\\*cp = 2\\*1\\*1"),
     (["parallel.tp=4"], "2 KV \\(query\\) groups are not divisible by tp=4"),
+    (["async_save=yes please"], "async_save must be true or false, got 'yes please'"),
+    (["fault_slow_async_write=[4]"], "fault_slow_async_write .* needs async_save=true"),
     (["parallel.tp=1", "parallel.pp=4", "parallel.virtual_pp=2"],
      "parallel: 4 layers cannot be split evenly into pp\\*virtual_pp = 8"),
     (["parallel.tp=1", "parallel.pp=2", "parallel.virtual_pp=2", "parallel.world_size=2",

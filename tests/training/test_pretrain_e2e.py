@@ -86,6 +86,37 @@ def test_sigkill_and_resume_is_bit_identical(setup):
     _same_steps(records(setup, "ref"), records(setup, "killed"))
 
 
+def test_async_save_killed_while_writing_then_resumed_is_bit_identical(setup):
+    """async_save: the step-4 checkpoint's background write is held back (testing hook) and
+    the job SIGKILLed at step 5 while it is pending: 'latest' still names step 2 (itself
+    written in the background), and the relaunch resumes from it, saving in the background
+    again, onto the reference's losses, data and final weights, every checkpoint intact."""
+    from megasyne.checkpoint import dist as ckpt
+    from megasyne.checkpoint.hf import param_maps
+    from megasyne.checkpoint.hf_convert import MegasyneCheckpoint
+
+    killed = launch(setup, "async", "async_save=true", "fault_slow_async_write=[4]",
+                    kill_at_step=5)
+    assert killed.returncode != 0
+    assert 5 <= len(records(setup, "async")) < STEPS, "the job was not killed mid-run"
+    root = setup / "async" / "checkpoints"
+    assert "iter_0000002 (written in the background" in killed.stdout
+    assert (root / "latest").read_text() == "iter_0000002\n"
+    assert (root / "iter_0000004.tmp").is_dir() and not (root / "iter_0000004").exists()
+    resumed = launch(setup, "async", "async_save=true")
+    assert resumed.returncode == 0, resumed.stderr[-6000:]
+    assert f"resumed from {root / 'iter_0000002'} at step 2" in resumed.stdout
+    _same_steps(records(setup, "ref"), records(setup, "async"))
+    assert sorted(p.name for p in root.iterdir()) == \
+        [f"iter_{s:07d}" for s in range(2, STEPS + 1, 2)] + ["latest"]  # no .tmp left
+    assert (root / "latest").read_text() == f"iter_{STEPS:07d}\n"  # published before the exit
+    for path in ckpt.complete_checkpoints(root):
+        ckpt.verify_checkpoint(path)
+    got, want = MegasyneCheckpoint(root), MegasyneCheckpoint(setup / "ref" / "checkpoints")
+    for pm in param_maps(got.config):
+        assert torch.equal(got.read(pm.megatron), want.read(pm.megatron)), pm.megatron
+
+
 def test_resume_at_another_layout_tp2_to_pp2(setup):
     (setup / "pp" / "checkpoints").mkdir(parents=True)
     shutil.copytree(setup / "ref" / "checkpoints" / "iter_0000004",
