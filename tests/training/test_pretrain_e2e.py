@@ -252,17 +252,21 @@ def test_prefetch_reads_the_same_data_and_hides_a_slow_reader(setup):
     boundary. With a slow reader and a long step (testing hooks: every read sleeps 0.8 s,
     every step 0.8 s more, long against the tiny model's step even on a loaded machine) the
     read-ahead run's step takes about the longer of the two, not their sum, and the logged
-    wait for data says which is which: the whole read synchronously, ~0 read ahead."""
+    wait for data says which is which: the whole read synchronously, ~0 read ahead. The
+    read-ahead run is preempted (SIGTERM) with reads in flight: it checkpoints and exits 0."""
     read_s, compute_s, steps = 0.8, 0.8, STAGE1_STEPS + 1
-    slow = (f"fault_data_read_delay_s={read_s}", f"fault_step_delay_s={compute_s}",
-            f"exit_at_step={steps}")
-    runs = {}
-    for name, prefetch in (("sync_read", 0), ("prefetch_slow", 2)):
-        proc = launch(setup, name, f"data_prefetch={prefetch}", *slow)
-        assert proc.returncode == 0, proc.stderr[-6000:]
-        runs[name] = records(setup, name)
-        _same_steps(records(setup, "ref")[:steps], runs[name])
-    sync, pre = runs["sync_read"], runs["prefetch_slow"]
+    slow = (f"fault_data_read_delay_s={read_s}", f"fault_step_delay_s={compute_s}")
+    proc = launch(setup, "sync_read", "data_prefetch=0", f"exit_at_step={steps}", *slow)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    proc = launch(setup, "prefetch_slow", "data_prefetch=2", *slow, term_at_step=5)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "SIGTERM received: checkpointed at step" in proc.stdout
+    sync, pre = records(setup, "sync_read"), records(setup, "prefetch_slow")
+    assert len(sync) == steps and 5 <= len(pre) < STEPS, "the run was not preempted mid-run"
+    _same_steps(records(setup, "ref")[:steps], sync)
+    _same_steps(records(setup, "ref")[:len(pre)], pre)
+    assert (setup / "prefetch_slow" / "checkpoints" / "latest").read_text().strip() == \
+        f"iter_{len(pre):07d}"
     for r in sync + pre:  # tokens/s (and MFU) from the wall time, data wait included
         assert r["tokens_per_s"] == pytest.approx(G * SEQ / r["step_time_s"], rel=1e-9)
         assert r["step_time_s"] >= r["data_wait_ms"] / 1e3 + compute_s
