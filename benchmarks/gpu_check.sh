@@ -19,6 +19,8 @@
 #      CPT run trains; same for HF), if time is left                              -> bench_train_ga4.json
 #   3b. the same tokens per step as 2 micro-batches of 8 (larger GEMMs)          -> bench_train_mbs8_ga2.json
 #   4. python setup.py build_ext (csrc/) in a copy, then import megasyne._csrc
+# PLAN=trainer (a second call): tiny_job (the trainer on CUDA), prefetch_ab (step time with data
+# prefetch on vs off, reads as they are and 20 ms slower), bench_train, bench_train_mbs8.
 set -u -o pipefail
 
 OUT=${OUT:-$PWD/gpu_out}
@@ -125,6 +127,39 @@ tiny_job() {
   return 0
 }
 
+# Data prefetch on vs off on one GPU (after tiny_job: its tokenised data exist): the tiny
+# model's 40 steps, reading as they are and with 20 ms of simulated storage latency per read
+# (the testing hook fault_data_read_delay_s); mean step time and data wait per variant, from
+# metrics.jsonl without the first 3 steps (warm-up). Also: pin_memory() of a pinned tensor is
+# the same memory (the prefetcher pins, the upload calls pin_memory() again).
+prefetch_ab() {
+  cd "$REPO" || return 1
+  local rc=0 delay depth run
+  "$PY" -c "import torch; t = torch.ones(4).pin_memory(); \
+assert t.pin_memory().data_ptr() == t.data_ptr(), 'pin_memory of a pinned tensor copied it'; \
+print('pin_memory() of a pinned tensor: the same memory')" || rc=1
+  for delay in 0 0.02; do
+    for depth in 0 2; do
+      run=$REPO/runs/prefetch_d${depth}_r${delay}
+      rm -rf "$run"
+      PYTHONPATH="$REPO:$SITE" "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+        pretrain_syne.py --config examples/tiny/train.yaml --set parallel.tp=1 dtype=bf16 \
+        "run_dir=$run" "data_prefetch=$depth" "fault_data_read_delay_s=$delay" \
+        eval_interval=null log_interval=40 > "$OUT/prefetch_d${depth}_r${delay}.log" 2>&1 \
+        || { echo "!!! prefetch $depth, read delay $delay: rc=$?"; rc=1; continue; }
+      cp "$run/metrics.jsonl" "$OUT/prefetch_d${depth}_r${delay}.jsonl"
+      "$PY" - "$run/metrics.jsonl" "$depth" "$delay" <<'EOF'
+import json, sys
+recs = [json.loads(line) for line in open(sys.argv[1])][3:]
+mean = lambda key: sum(r[key] for r in recs) / len(recs)
+print(f"prefetch {sys.argv[2]} read delay {sys.argv[3]} s: step {1e3 * mean('step_time_s'):.2f} ms, "
+      f"data wait {mean('data_wait_ms'):.2f} ms, {mean('tokens_per_s'):.0f} tok/s over {len(recs)} steps")
+EOF
+    done
+  done
+  return $rc
+}
+
 summary() {
   (cd /tmp && OUT="$OUT" "$PY" - <<'EOF'
 import json, os
@@ -179,7 +214,7 @@ EOF
 }
 
 export OUT PY WHL_DIR SITE STAGE REPO
-export -f install_wheels stage_megasyne versions build_csrc tiny_job
+export -f install_wheels stage_megasyne versions build_csrc tiny_job prefetch_ab
 
 main() {
   echo "# gpu_check $(date -u +%FT%TZ) in $REPO, OUT=$OUT, DRY=$DRY"
@@ -193,6 +228,9 @@ main() {
   [ "$DRY" = 1 ] && dry=(--dry-run)
   if [ "${PLAN:-}" = trainer ]; then  # second call of a session: the trainer on CUDA + fused AdamW
     step tiny_job 150 tiny_job
+    if [ "$(elapsed)" -lt $((BUDGET_S - 200)) ]; then
+      step prefetch_ab 100 prefetch_ab
+    fi
     step bench_train 130 "$PY" benchmarks/bench_train_gpu.py "${dry[@]}" --warmup 3 --steps 6 \
       --variants megasyne/triton,hf --out "$OUT/bench_train.json"
     if [ "$(elapsed)" -lt $((BUDGET_S - 70)) ]; then

@@ -7,6 +7,7 @@ starts at consumed_samples = s*G and reads exactly what the uninterrupted run wo
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,25 @@ def micro_batches(dataset, *, first_sample: int, per_rank: int, dp_rank: int,
             mb["position_ids"] = torch.from_numpy(reset_position_ids(docs))
         out.append(mb)
     return out
+
+
+def batch_crc(batch: list[dict]) -> int:
+    """CRC32 of a rank's micro-batches: every input token, then each sample's last label (the
+    one token the inputs do not hold), micro-batch by micro-batch."""
+    crc = 0
+    for mb in batch:
+        crc = zlib.crc32(mb["tokens"].numpy().tobytes(), crc)
+        crc = zlib.crc32(mb["labels"][:, -1:].numpy().tobytes(), crc)
+    return crc
+
+
+def pinned(batch: list[dict]) -> list[dict]:
+    """The micro-batches with their tensors in pinned (page-locked) host memory, so that the
+    upload to the GPU (``step._upload``: ``pin_memory()`` of a pinned tensor returns it, no
+    second copy) is queued without waiting. ``document_ids`` stay as they are: they are read
+    on the CPU (cu_seqlens are made from them there), never uploaded."""
+    return [{k: v.pin_memory() if isinstance(v, torch.Tensor) and k != "document_ids" else v
+             for k, v in mb.items()} for mb in batch]
 
 
 def check_vocabulary(dataset, vocab_size: int, what: str) -> None:

@@ -112,11 +112,23 @@ class TrainConfig:
     """Abort after this many consecutive steps with a NaN/inf loss (each is skipped)."""
     tensorboard: bool = True
     """Write TensorBoard events to run_dir/tensorboard when the package is installed."""
+    data_prefetch: int = 2
+    """Steps whose micro-batches are read ahead on a background thread (in pinned memory on
+    CUDA) while the current step computes (megasyne.training.prefetch); 0 = each step reads
+    its batch itself, before computing. The data of every step is the same either way; a
+    step's wait for its data is logged as data_wait_ms. Memory: this many steps' batches of
+    one rank (tokens, labels, masks; ~20 bytes per token)."""
     fault_nan_steps: tuple = ()
     """Testing hook: steps whose loss is replaced by NaN (to exercise the skip path)."""
     fault_slow_async_write: tuple = ()
     """Testing hook: steps whose background checkpoint write first sleeps 300 s (to kill a
     run while that write is pending); needs async_save."""
+    fault_data_read_delay_s: float = 0.0
+    """Testing hook: seconds every step's data read sleeps (slow storage), on the prefetch
+    thread when data_prefetch > 0."""
+    fault_step_delay_s: float = 0.0
+    """Testing hook: seconds added to every step's compute (a stand-in for a GPU step's
+    length on the tiny CPU model), to measure how reads overlap with it."""
     stop_after_stage: str | None = None
     """Checkpoint and stop when this recipe stage is done (e.g. run SynE stage I alone;
     a later run with the same run_dir and no stop continues into the next stage)."""
@@ -147,6 +159,14 @@ class TrainConfig:
             raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.train_steps is not None and self.train_steps < 1:
             raise ConfigError(f"train_steps must be >= 1, got {self.train_steps}")
+        if isinstance(self.data_prefetch, bool) or not isinstance(self.data_prefetch, int) \
+                or self.data_prefetch < 0:
+            raise ConfigError(f"data_prefetch must be an integer >= 0 (steps read ahead; 0 = "
+                              f"off), got {self.data_prefetch!r}")
+        for key in ("fault_data_read_delay_s", "fault_step_delay_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{key} must be a number of seconds >= 0, got {value!r}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError("save_interval must be >= 1")
         if not isinstance(self.async_save, bool):

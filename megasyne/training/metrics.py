@@ -107,6 +107,8 @@ def console_line(r: dict) -> str:
     if r.get("grad_norm") is not None:
         parts.append(f"gnorm {r['grad_norm']:.3f}")
     parts.append(f"tok/s {r['tokens_per_s']:.0f}")
+    if r.get("data_wait_ms") is not None:  # of the step's time, the wait for its data
+        parts.append(f"data wait {r['data_wait_ms']:.0f} ms")
     if r.get("mfu") is not None:
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     if r.get("skipped_steps"):

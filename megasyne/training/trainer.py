@@ -4,7 +4,10 @@ A :class:`Trainer` is built from a validated ``TrainConfig``: ``__init__`` creat
 groups of the layout, the data (the recipe's mixture index), the model chunks and the optimizer,
 the metrics log and the hooks (periodic features: validation, the adaptive topic mixture, the
 benchmark probe; ``megasyne.training.hooks``). ``train()`` resumes or starts, then loops: set
-the LR, one optimizer step, log, run the hooks that are due, save when due.
+the LR, one optimizer step, log, run the hooks that are due, save when due. The next steps'
+micro-batches are read on a background thread meanwhile (``data_prefetch``;
+``megasyne.training.prefetch``); a step's logged time is its wall time, its wait for data
+included (also logged alone, ``data_wait_ms``).
 
 Resume restores model, optimizer, the step (hence the LR schedule) and the data cursor
 (consumed samples = step x global batch, because sample i is a pure function of i), each hook's
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import signal
 import time
-import zlib
 from functools import partial
 from pathlib import Path
 
@@ -29,13 +31,14 @@ from megasyne.errors import TrainingError
 from megasyne.model.builder import ModelRuntime, build_model
 from megasyne.parallel.init import comm_device, init_parallel, launcher_world
 from megasyne.training import metrics as M
-from megasyne.training.batches import build_index_on_rank0, micro_batches
+from megasyne.training.batches import batch_crc, build_index_on_rank0, micro_batches, pinned
 from megasyne.training.config import ConfigError, TrainConfig, dump_config
 from megasyne.training.data_state import RunData
 from megasyne.training.documents import eod_token_id
 from megasyne.training.hooks import HookContext, build_hooks
 from megasyne.training.hooks.validation import Validator
 from megasyne.training.optim import build_optimizer, wrap_ddp
+from megasyne.training.prefetch import BatchPrefetcher, StepData
 from megasyne.training.run_lock import RunDirLock
 from megasyne.training.run_plan import plan_run
 from megasyne.training.step import StepResult, gpt_forward_step, train_step
@@ -109,6 +112,9 @@ class Trainer:
         self.skipped_steps = 0
         self.nonfinite_in_a_row = 0
         self.last_loss = float("nan")
+        # Bumped when a hook changes the samples ahead: reads ahead of an older version are redone.
+        self.data_version = 0
+        self._batches: BatchPrefetcher | None = None
 
     # ------------------------------------------------------------------ set-up
     def _build_data(self) -> None:
@@ -258,6 +264,7 @@ class Trainer:
             if self.async_saver is not None:
                 self.async_saver.abort()  # maybe this rank alone failed: no collective
             raise
+        self.close_data()
         self.finish_pending_save()
         if self.step == self.plan.total_steps and cfg.stop_after_stage:
             print0(f"stage {cfg.stop_after_stage} done at step {self.step}; rerun without "
@@ -287,32 +294,69 @@ class Trainer:
                 break
 
     def train_one_step(self) -> dict:
-        """One optimizer step on the next global batch; returns its metrics record."""
-        from megatron.core import parallel_state as ps
+        """One optimizer step on the next global batch; returns its metrics record.
 
+        Its time is the step's wall time from asking for the data to the optimizer's update:
+        a wait for data (a read ahead not done yet, or the whole read with data_prefetch 0)
+        counts, and is also logged alone as data_wait_ms."""
         cfg = self.cfg
+        t0 = time.perf_counter()
         lr, stage = self.plan.lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batch = micro_batches(self.dataset, first_sample=self.step * cfg.global_batch_size,
-                              per_rank=cfg.global_batch_size // self.dims.dp,
-                              dp_rank=ps.get_data_parallel_rank(),
-                              micro_batch_size=cfg.micro_batch_size,
-                              masking=cfg.document_masking, eod_id=self.plan.eod_id)
+        if self._batches is None:  # first step of this launch: reads start at the resumed step
+            self._batches = self._prefetcher()
+        data, _ = self._batches.get(self.step, self.data_version)
+        # The reduce waits for the slowest DP rank's data: part of the wait too.
+        data_crc = _data_fingerprint(data.crc)
+        data_wait = time.perf_counter() - t0
+        batch = data.batch
         iters = [iter(batch) for _ in self.chunks] if len(self.chunks) > 1 else iter(batch)
-        data_crc = _data_fingerprint(batch)
         forward = partial(gpt_forward_step, num_sources=len(self.sources),
                           inject_nan=(self.step + 1) in cfg.fault_nan_steps)
-        t0 = time.perf_counter()
         result = train_step(self.chunks, self.optimizer, iters,
                             num_microbatches=cfg.num_microbatches(self.dims.dp),
                             micro_batch_size=cfg.micro_batch_size, seq_length=self.seq_length,
                             num_sources=len(self.sources), forward_step_func=forward,
                             documents=cfg.document_masking.enabled)
+        if cfg.fault_step_delay_s:
+            time.sleep(cfg.fault_step_delay_s)
         elapsed = time.perf_counter() - t0
         self.step += 1
         self._count_nonfinite(result)
-        return self._record(result, lr=lr, stage=stage, elapsed=elapsed, data_crc=data_crc)
+        return self._record(result, lr=lr, stage=stage, elapsed=elapsed, data_crc=data_crc,
+                            data_wait=data_wait)
+
+    def _prefetcher(self) -> BatchPrefetcher:
+        """Reads of this rank's steps, ``data_prefetch`` ahead, none past where the run stops."""
+        from megatron.core import parallel_state as ps
+
+        cfg, G = self.cfg, self.cfg.global_batch_size
+        end = min(self.plan.total_steps, cfg.exit_at_step or self.plan.total_steps)
+        return BatchPrefetcher(
+            partial(self._read_step, dp_rank=ps.get_data_parallel_rank()),
+            depth=cfg.data_prefetch, end_step=end,
+            describe=lambda s: f"[{s * G}, {(s + 1) * G}) of {self.dataset.index_dir}")
+
+    def _read_step(self, step: int, *, dp_rank: int) -> StepData:
+        """Step ``step``'s micro-batches of this DP rank (on the prefetch thread when on)."""
+        cfg = self.cfg
+        if cfg.fault_data_read_delay_s:
+            time.sleep(cfg.fault_data_read_delay_s)
+        batch = micro_batches(self.dataset, first_sample=step * cfg.global_batch_size,
+                              per_rank=cfg.global_batch_size // self.dims.dp, dp_rank=dp_rank,
+                              micro_batch_size=cfg.micro_batch_size,
+                              masking=cfg.document_masking, eod_id=self.plan.eod_id)
+        if torch.cuda.is_available() and cfg.data_prefetch:
+            batch = pinned(batch)  # here, off the step's path (the upload then skips it)
+        return StepData(step=step, batch=batch, crc=batch_crc(batch))
+
+    def close_data(self) -> None:
+        """Stop the prefetch thread: reads not started are cancelled, the one in flight is
+        waited for (``train()`` calls this also when the loop raises)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
 
     def run_hooks(self, step: int, record: dict) -> dict:
         """Run the hooks due after ``step`` steps; their results go into ``record``."""
@@ -320,6 +364,8 @@ class Trainer:
         for hook in self.hooks:
             if hook.due(step):
                 result = hook.run(step, ctx)
+                if hook.changes_data:  # batches read ahead may hold the old samples
+                    self.data_version += 1
                 if result is not None:
                     record[hook.key] = result
         return record
@@ -339,7 +385,8 @@ class Trainer:
                 f"checkpoint")
 
     def _record(self, result: StepResult, *, lr: float, stage: str, elapsed: float,
-                data_crc: int) -> dict:
+                data_crc: int, data_wait: float) -> dict:
+        """``elapsed``: the step's wall time (data wait included), which tokens/s and MFU use."""
         G, world = self.cfg.global_batch_size, self.dims.world_size
         tokens = G * self.seq_length
         tok_s = tokens / elapsed
@@ -351,6 +398,7 @@ class Trainer:
             grad_norm=result.grad_norm, skipped=result.skipped, skipped_steps=self.skipped_steps,
             tokens_per_s=tok_s, tflops_per_device=tflops,
             mfu=(tflops * 1e12 / peak) if peak else None, step_time_s=elapsed,
+            data_wait_ms=1e3 * data_wait,
             source_loss={s: result.source_loss_sum[i] / result.source_tokens[i]
                          for i, s in enumerate(self.sources) if result.source_tokens[i] > 0},
             source_tokens={s: int(result.source_tokens[i]) for i, s in enumerate(self.sources)},
@@ -364,22 +412,20 @@ def train(cfg: TrainConfig) -> dict:
     try:
         return trainer.train()
     finally:
+        trainer.close_data()  # after an error too: no reader thread left at exit
         if trainer.lock is not None:
             trainer.lock.release()
 
 
-def _data_fingerprint(batch: list[dict]) -> int:
-    """CRC32 of this step's tokens, summed over the data-parallel group.
+def _data_fingerprint(crc: int) -> int:
+    """This rank's CRC32 of the step's tokens (``batch_crc``), summed over the data-parallel
+    group.
 
     Logged per step so a resumed run can be checked to read exactly the samples, in the
     same order, that an uninterrupted run reads (for the same DP size).
     """
     from megatron.core import parallel_state as ps
 
-    crc = 0
-    for mb in batch:
-        crc = zlib.crc32(mb["tokens"].numpy().tobytes(), crc)
-        crc = zlib.crc32(mb["labels"][:, -1:].numpy().tobytes(), crc)
     total = torch.tensor([crc], dtype=torch.int64, device=comm_device())
     if dist.is_initialized():
         dist.all_reduce(total, group=ps.get_data_parallel_group())

@@ -69,9 +69,10 @@ def make_run_files(root: Path, docs_per_source: int = 60, max_doc_chars: int | N
 
 
 def launch(root: Path, run: str, *overrides: str, kill_at_step: int | None = None,
-           config: str = "base.yaml"):
+           config: str = "base.yaml", term_at_step: int | None = None):
     """Run pretrain_syne.py on 2 ranks; with kill_at_step, SIGKILL the whole job as soon as
-    metrics.jsonl shows that step (the launcher and both ranks, like a lost node)."""
+    metrics.jsonl shows that step (the launcher and both ranks, like a lost node); with
+    term_at_step, SIGTERM both ranks then (a cluster's preemption notice)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "pretrain_syne.py",
            "--config", str(root / config), "--set", f"run_dir={root / run}", *overrides]
@@ -79,11 +80,15 @@ def launch(root: Path, run: str, *overrides: str, kill_at_step: int | None = Non
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    if kill_at_step is not None:
+    if kill_at_step is not None or term_at_step is not None:
+        at = kill_at_step if kill_at_step is not None else term_at_step
         metrics, deadline = root / run / "metrics.jsonl", time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at_step:
-                _kill_tree(proc.pid)
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= at:
+                if kill_at_step is not None:
+                    _kill_tree(proc.pid)
+                else:
+                    _signal_ranks(proc.pid, signal.SIGTERM)
                 break
             time.sleep(0.02)
     out, err = proc.communicate(timeout=600)
@@ -97,6 +102,17 @@ def _kill_tree(pid: int) -> None:
     for p in psutil.Process(pid).children(recursive=True):
         p.send_signal(signal.SIGKILL)
     os.killpg(pid, signal.SIGKILL)
+
+
+def _signal_ranks(pid: int, signum: int) -> None:
+    """Send ``signum`` to the ranks of a launcher: its children only. Not to the launcher
+    (torchrun would stop them itself and exit with an error), nor to the ranks' own children
+    (Megatron's checkpoint saving talks to a multiprocessing manager process, which SIGTERM
+    would end under the save)."""
+    import psutil
+
+    for p in psutil.Process(pid).children(recursive=False):
+        p.send_signal(signum)
 
 
 def launch_nodes(root: Path, run: str, torchrun_args: list[str], *overrides: str,

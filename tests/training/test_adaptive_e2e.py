@@ -139,3 +139,16 @@ def test_kill_and_resume_with_adaptation_is_bit_identical(setup):
     for r in a:
         if "loss" in r:
             assert math.isfinite(r["loss"])
+
+
+def test_reads_ahead_are_redone_after_each_re_blend(setup):
+    """The reference reads ahead (data_prefetch: 2): the batches of the steps after each
+    decision, read before it, are read again. A run reading every batch synchronously logs
+    the same data, losses and decisions at every step."""
+    sync = launch(setup, "sync_read", "data_prefetch=0")
+    assert sync.returncode == 0, sync.stderr[-6000:]
+    a, b = records(setup, "ref"), records(setup, "sync_read")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("data_crc", "source_tokens", "adaptive", "loss", "grad_norm"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)

@@ -55,6 +55,11 @@ def test_load_with_overrides_and_relative_paths(config_file, tmp_path):
     (["eval_recipe=recipe.yaml", "adaptive={groups: {zh: {topics: [a, b], upper: 0.4}}, "
       "interval_steps: 5}"], "adaptive.groups.zh bounds are infeasible"),
     (["model=init_checkpoint"], "model: init_checkpoint needs init_checkpoint"),
+    (["data_prefetch=-1"], "data_prefetch must be an integer >= 0 \\(steps read ahead; 0 = off\\)"),
+    (["data_prefetch=1.5"], "data_prefetch must be an integer >= 0"),
+    (["data_prefetch=true"], "data_prefetch must be an integer >= 0"),
+    (["fault_data_read_delay_s=-0.1"], "fault_data_read_delay_s must be a number of seconds >= 0"),
+    (["fault_step_delay_s=x"], "fault_step_delay_s must be a number of seconds >= 0"),
     (["bench_eval={tasks: nowhere.yaml, tokenizer: ., interval_steps: 5}"],
      "bench_eval: tasks: not found"),
     (["parallel.world_size=3"], "world size 3 is not divisible by tp\\*pp\\*cp = 2\\*1\\*1"),

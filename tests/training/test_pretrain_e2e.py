@@ -275,3 +275,45 @@ def test_trainer_with_the_triton_kernels_follows_the_torch_run_and_checkpoints(s
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in got[kernel_steps:]] == pytest.approx(
         [r["loss"] for r in ref[kernel_steps:]], abs=1e-5)
+
+
+def test_prefetch_reads_the_same_data_and_hides_a_slow_reader(setup):
+    """The reference reads ahead (data_prefetch: 2 by default); a run reading each step's
+    batch synchronously (0) logs the same data and losses at every step, across the stage
+    boundary. With a slow reader and a long step (testing hooks: every read sleeps 0.8 s,
+    every step 0.8 s more, long against the tiny model's step even on a loaded machine) the
+    read-ahead run's step takes about the longer of the two, not their sum, and the logged
+    wait for data says which is which: the whole read synchronously, ~0 read ahead. The
+    read-ahead run is preempted (SIGTERM) with reads in flight: it checkpoints and exits 0."""
+    read_s, compute_s, steps = 0.8, 0.8, STAGE1_STEPS + 1
+    slow = (f"fault_data_read_delay_s={read_s}", f"fault_step_delay_s={compute_s}")
+    proc = launch(setup, "sync_read", "data_prefetch=0", f"exit_at_step={steps}", *slow)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    proc = launch(setup, "prefetch_slow", "data_prefetch=2", *slow, term_at_step=5)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert "SIGTERM received: checkpointed at step" in proc.stdout
+    sync, pre = records(setup, "sync_read"), records(setup, "prefetch_slow")
+    assert len(sync) == steps and 5 <= len(pre) < STEPS, "the run was not preempted mid-run"
+    _same_steps(records(setup, "ref")[:steps], sync)
+    _same_steps(records(setup, "ref")[:len(pre)], pre)
+    assert (setup / "prefetch_slow" / "checkpoints" / "latest").read_text().strip() == \
+        f"iter_{len(pre):07d}"
+    for r in sync + pre:  # tokens/s (and MFU) from the wall time, data wait included
+        assert r["tokens_per_s"] == pytest.approx(G * SEQ / r["step_time_s"], rel=1e-9)
+        assert r["step_time_s"] >= r["data_wait_ms"] / 1e3 + compute_s
+    # Every synchronous step waits for its whole read; read ahead, only the first step does.
+    assert min(r["data_wait_ms"] for r in sync) >= 1e3 * read_s
+    assert pre[0]["data_wait_ms"] >= 1e3 * read_s
+    waits = [r["data_wait_ms"] for r in pre[1:]]
+    assert sum(waits) / len(waits) < 0.1 * 1e3 * read_s, waits
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    # The read-ahead run's steps against the same steps with their reads not overlapped
+    # (read + the step's own compute, measured in that run: no run-to-run load noise).
+    step = mean([r["step_time_s"] for r in pre[1:]])
+    serial = mean([read_s + r["step_time_s"] - r["data_wait_ms"] / 1e3 for r in pre[1:]])
+    assert step < 0.75 * serial, (step, serial)
+    assert mean([r["step_time_s"] for r in sync[1:]]) >= read_s + compute_s
+    assert step < mean([r["step_time_s"] for r in sync[1:]]) - 0.25 * read_s

@@ -30,6 +30,9 @@ class Hook:
 
     key: str = ""
     """Where its results go in a metrics record, and its state in a checkpoint."""
+    changes_data: bool = False
+    """True when ``run`` may change which samples the steps after it read (the adaptive
+    mixture re-blends them): the trainer then reads again what it had read ahead."""
 
     def due(self, step: int) -> bool:
         """Whether to run after ``step`` optimizer steps (0: before the first step of a fresh run)."""

@@ -94,6 +94,7 @@ class AdaptiveMixtureHook(Hook):
     """Owns the ratios, the re-blended intervals and the decision log of one run."""
 
     key = "adaptive"
+    changes_data = True  # re-blends the samples of the next interval in place
 
     def __init__(self, cfg: AdaptiveTrainConfig, dataset, eval_sources, run_dir: Path, *,
                  global_batch_size: int, is_writer: bool, fault_growth: dict | None = None):
