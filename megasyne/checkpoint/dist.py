@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megasyne import megatron_patches
 from megasyne.atomic import atomic_write_text
 from megasyne.checkpoint.integrity import digest_checkpoint, verify_checkpoint_files
 from megasyne.checkpoint.sharding import unwrap
@@ -161,6 +162,9 @@ def previous_checkpoint_note(root: Path, final: Path) -> str:
 def prepare_save(root: Path, tmp: Path, chunks: list, optimizer) -> dict:
     """Collective: an empty ``tmp/dist`` (a stale ``.tmp`` of a crashed save removed) and the
     sharded state dict to write there."""
+    # megatron-core's writer reports through a queue server it would start itself, which a
+    # job-wide SIGTERM (preemption) kills under the save that SIGTERM asks for: ours is immune.
+    megatron_patches.apply_writer_queue()
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():

@@ -13,7 +13,7 @@ other), and ``PATCHES`` lists each patch:
 - ``apply``: the function of this package that applies it, and who calls that;
 - ``checked_against``: the megatron-core version whose source it was checked against.
 
-The four patches, in short (details in PATCHES):
+The patches, in short (details in PATCHES):
 
 - ``cpu_shims``: CPU only (no CUDA); applied by ``parallel.init.init_parallel``.
 - ``multi_tensor``: where megatron-core picked its local fallbacks at import (neither apex
@@ -22,9 +22,11 @@ The four patches, in short (details in PATCHES):
   then); applied by ``model.builder.transformer_config``.
 - ``wgrad_accumulation``: CUDA without apex once a probe passes, or forced
   (``ModelRuntime.wgrad_fusion=True``); applied by ``model.builder.transformer_config``.
+- ``writer_queue``: always, at the first checkpoint save; applied by
+  ``checkpoint.dist.prepare_save``.
 
 Modules: ``cpu_shims`` (the CUDA-to-CPU stand-ins), ``multi_tensor_fallbacks``, ``rope_slot``,
-``wgrad_slot``: the installers. The code they install stays with its kind: the RoPE and
+``wgrad_slot``, ``writer_queue``: the installers. The code they install stays with its kind: the RoPE and
 weight-gradient glue in ``megasyne/model/fusions.py``, the ``_foreach`` ops in
 ``megasyne/training/multi_tensor.py``. (Our SwiGLU and attention modules reach Megatron
 through its layer spec, which is configuration, not a patch.)
@@ -42,7 +44,13 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from megasyne.megatron_patches import cpu_shims, multi_tensor_fallbacks, rope_slot, wgrad_slot
+from megasyne.megatron_patches import (
+    cpu_shims,
+    multi_tensor_fallbacks,
+    rope_slot,
+    wgrad_slot,
+    writer_queue,
+)
 
 CHECKED_AGAINST = "0.16.1"
 
@@ -117,6 +125,16 @@ PATCHES = (
             "parameter per micro-batch)",
         apply="apply_wgrad_accumulation, from megasyne.model.builder.transformer_config",
     ),
+    Patch(
+        name="writer_queue",
+        targets=((writer_queue.MODULE, "_results_queue"),),
+        active="always, from the first checkpoint save of a process (a slot megatron-core "
+               "already filled is left alone)",
+        why="megatron-core serves its checkpoint writer's results queue from a Manager process "
+            "that a job-wide SIGTERM (a cluster's preemption notice) kills, so the trainer's "
+            "save-on-SIGTERM fails; and a SIGKILLed trainer leaves that process orphaned",
+        apply="apply_writer_queue, from megasyne.checkpoint.dist.prepare_save",
+    ),
 )
 
 
@@ -160,6 +178,12 @@ def apply_wgrad_accumulation(force: bool = False) -> bool:
     return wgrad_slot.install(force=force)
 
 
+def apply_writer_queue() -> bool:
+    """The ``writer_queue`` patch; True if this call started our queue server. Main thread."""
+    _check_version()
+    return writer_queue.install()
+
+
 def wgrad_accumulation_status() -> str | None:
     """Why our weight-gradient accumulation is off on this GPU (None: not probed, or fine)."""
     return wgrad_slot.status()
@@ -167,4 +191,5 @@ def wgrad_accumulation_status() -> str | None:
 
 __all__ = ["CHECKED_AGAINST", "PATCHES", "Patch", "apply_cpu_shims",
            "apply_multi_tensor_fallbacks", "apply_rope_slot", "apply_wgrad_accumulation",
+           "apply_writer_queue",
            "wgrad_accumulation_status"]

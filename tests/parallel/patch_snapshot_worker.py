@@ -44,36 +44,43 @@ def snapshot():
     return state, loggers
 
 
-before, loggers_before = snapshot()
-modules_before = set(_megatron_modules())
-results = {"cpu_shims": mp.apply_cpu_shims(),
-           "multi_tensor": mp.apply_multi_tensor_fallbacks(),
-           "rope_slot": mp.apply_rope_slot(),
-           "wgrad_accumulation": mp.apply_wgrad_accumulation(force=True)}
-if sys.argv[1:] == ["--inject"]:  # the test's own check that a stray change is caught
-    from megatron.core import utils
-    from megatron.core.models.common.embeddings import rope_utils
-    from megatron.core.models.common.language_module.language_module import LanguageModule
+def main() -> None:
+    before, loggers_before = snapshot()
+    modules_before = set(_megatron_modules())
+    results = {"cpu_shims": mp.apply_cpu_shims(),
+               "multi_tensor": mp.apply_multi_tensor_fallbacks(),
+               "rope_slot": mp.apply_rope_slot(),
+               "wgrad_accumulation": mp.apply_wgrad_accumulation(force=True),
+               "writer_queue": mp.apply_writer_queue()}
+    if sys.argv[1:] == ["--inject"]:  # the test's own check that a stray change is caught
+        from megatron.core import utils
+        from megatron.core.models.common.embeddings import rope_utils
+        from megatron.core.models.common.language_module.language_module import LanguageModule
 
-    utils._undeclared = True
-    LanguageModule._undeclared = True
-    rope_utils.fused_apply_rotary_pos_emb = before[(rope_utils.__name__,
-                                                    "fused_apply_rotary_pos_emb")]
-after, loggers_after = snapshot()
+        utils._undeclared = True
+        LanguageModule._undeclared = True
+        rope_utils.fused_apply_rotary_pos_emb = before[(rope_utils.__name__,
+                                                        "fused_apply_rotary_pos_emb")]
+    after, loggers_after = snapshot()
 
-changed = set()
-for key, value in after.items():
-    if key not in before:
-        mod_name, attr = key
-        if key[0] not in modules_before:
-            continue  # a module first imported by a patch: reported below
-        if sys.modules.get(f"{mod_name}.{attr}") is value:
-            continue  # a submodule bound on its package by an import
-        changed.add(key)
-    elif before[key] is not value:
-        changed.add(key)
-changed |= {k for k in before if k not in after}  # deleted
-changed_loggers = sorted(n for n, f in loggers_after.items() if f != loggers_before.get(n, []))
-print(json.dumps({"results": results, "changed": sorted(changed),
-                  "loggers": changed_loggers,
-                  "new_modules": sorted(set(_megatron_modules()) - modules_before)}))
+    changed = set()
+    for key, value in after.items():
+        if key not in before:
+            mod_name, attr = key
+            if key[0] not in modules_before:
+                continue  # a module first imported by a patch: reported below
+            if sys.modules.get(f"{mod_name}.{attr}") is value:
+                continue  # a submodule bound on its package by an import
+            changed.add(key)
+        elif before[key] is not value:
+            changed.add(key)
+    changed |= {k for k in before if k not in after}  # deleted
+    changed_loggers = sorted(n for n, f in loggers_after.items() if f != loggers_before.get(n, []))
+    print(json.dumps({"results": results, "changed": sorted(changed),
+                      "loggers": changed_loggers,
+                      "new_modules": sorted(set(_megatron_modules()) - modules_before)}))
+
+
+# The writer_queue patch starts a "spawn" process, which re-imports this file: guarded.
+if __name__ == "__main__":
+    main()

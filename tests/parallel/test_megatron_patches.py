@@ -133,6 +133,7 @@ def _snapshot(*args):
 def test_applying_every_patch_changes_exactly_the_declared_attributes():
     out, undeclared, not_applied = _snapshot()
     assert out["results"]["cpu_shims"] is True and out["results"]["rope_slot"] is True
+    assert out["results"]["writer_queue"] is True
     assert out["results"]["wgrad_accumulation"] is True and len(out["results"]["multi_tensor"]) == 3
     assert undeclared == set(), "a patch changed attributes it does not declare in PATCHES"
     assert not_applied == set(), "PATCHES declares attributes no patch changed"

@@ -105,14 +105,16 @@ def _kill_tree(pid: int) -> None:
 
 
 def _signal_ranks(pid: int, signum: int) -> None:
-    """Send ``signum`` to the ranks of a launcher: its children only. Not to the launcher
-    (torchrun would stop them itself and exit with an error), nor to the ranks' own children
-    (Megatron's checkpoint saving talks to a multiprocessing manager process, which SIGTERM
-    would end under the save)."""
+    """Send ``signum`` to the ranks of a launcher and to every process they started, as a
+    cluster's preemption notice does (Slurm signals every process of the job step). Not to
+    the launcher itself: torchrun would stop the ranks on its own and exit with an error."""
     import psutil
 
-    for p in psutil.Process(pid).children(recursive=False):
-        p.send_signal(signum)
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            p.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def launch_nodes(root: Path, run: str, torchrun_args: list[str], *overrides: str,
