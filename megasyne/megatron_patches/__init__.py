@@ -13,7 +13,7 @@ other), and ``PATCHES`` lists each patch:
 - ``apply``: the function of this package that applies it, and who calls that;
 - ``checked_against``: the megatron-core version whose source it was checked against.
 
-The four patches, in short (details in PATCHES):
+The five patches, in short (details in PATCHES):
 
 - ``cpu_shims``: CPU only (no CUDA); applied by ``parallel.init.init_parallel``.
 - ``multi_tensor``: where megatron-core picked its local fallbacks at import (neither apex
@@ -22,9 +22,12 @@ The four patches, in short (details in PATCHES):
   then); applied by ``model.builder.transformer_config``.
 - ``wgrad_accumulation``: CUDA without apex once a probe passes, or forced
   (``ModelRuntime.wgrad_fusion=True``); applied by ``model.builder.transformer_config``.
+- ``dist_opt_buckets``: always (a correctness fix of the distributed optimizer's fully
+  reshardable checkpoint when a buffer has several buckets); applied by
+  ``training.optim.build_optimizer``.
 
 Modules: ``cpu_shims`` (the CUDA-to-CPU stand-ins), ``multi_tensor_fallbacks``, ``rope_slot``,
-``wgrad_slot``: the installers. The code they install stays with its kind: the RoPE and
+``wgrad_slot``, ``dist_opt_buckets``: the installers. The code they install stays with its kind: the RoPE and
 weight-gradient glue in ``megasyne/model/fusions.py``, the ``_foreach`` ops in
 ``megasyne/training/multi_tensor.py``. (Our SwiGLU and attention modules reach Megatron
 through its layer spec, which is configuration, not a patch.)
@@ -42,7 +45,13 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from megasyne.megatron_patches import cpu_shims, multi_tensor_fallbacks, rope_slot, wgrad_slot
+from megasyne.megatron_patches import (
+    cpu_shims,
+    dist_opt_buckets,
+    multi_tensor_fallbacks,
+    rope_slot,
+    wgrad_slot,
+)
 
 CHECKED_AGAINST = "0.16.1"
 
@@ -117,6 +126,17 @@ PATCHES = (
             "parameter per micro-batch)",
         apply="apply_wgrad_accumulation, from megasyne.model.builder.transformer_config",
     ),
+    Patch(
+        name="dist_opt_buckets",
+        targets=((f"{_OPT}.distrib_optimizer",
+                  "DistributedOptimizer.sharded_param_state_fully_reshardable"),),
+        active="always once applied (GPU and CPU); changes nothing with one bucket per buffer",
+        why="with several buckets per gradient buffer (overlapped reduction, or a tied "
+            "embedding at PP > 1) megatron-core cuts the gathered optimizer state at padded "
+            "offsets it laid out unpadded: every later parameter's saved master weights and "
+            "Adam moments are shifted (dist_opt_buckets.py), and a resume trains on them",
+        apply="apply_dist_opt_buckets, from megasyne.training.optim.build_optimizer",
+    ),
 )
 
 
@@ -160,11 +180,17 @@ def apply_wgrad_accumulation(force: bool = False) -> bool:
     return wgrad_slot.install(force=force)
 
 
+def apply_dist_opt_buckets() -> bool:
+    """The ``dist_opt_buckets`` patch (always active once applied). Idempotent."""
+    _check_version()
+    return dist_opt_buckets.install()
+
+
 def wgrad_accumulation_status() -> str | None:
     """Why our weight-gradient accumulation is off on this GPU (None: not probed, or fine)."""
     return wgrad_slot.status()
 
 
-__all__ = ["CHECKED_AGAINST", "PATCHES", "Patch", "apply_cpu_shims",
+__all__ = ["CHECKED_AGAINST", "PATCHES", "Patch", "apply_cpu_shims", "apply_dist_opt_buckets",
            "apply_multi_tensor_fallbacks", "apply_rope_slot", "apply_wgrad_accumulation",
            "wgrad_accumulation_status"]

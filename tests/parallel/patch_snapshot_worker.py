@@ -49,7 +49,8 @@ modules_before = set(_megatron_modules())
 results = {"cpu_shims": mp.apply_cpu_shims(),
            "multi_tensor": mp.apply_multi_tensor_fallbacks(),
            "rope_slot": mp.apply_rope_slot(),
-           "wgrad_accumulation": mp.apply_wgrad_accumulation(force=True)}
+           "wgrad_accumulation": mp.apply_wgrad_accumulation(force=True),
+           "dist_opt_buckets": mp.apply_dist_opt_buckets()}
 if sys.argv[1:] == ["--inject"]:  # the test's own check that a stray change is caught
     from megatron.core import utils
     from megatron.core.models.common.embeddings import rope_utils
