@@ -7,9 +7,10 @@ trainings of STEPS steps in turn on the same initial weights and global batches:
   the distributed optimizer all-gathers inside optimizer.step);
 - "on": the defaults (overlapped reduce; with the distributed optimizer, the parameter gather
   left to the next forward) with small buckets (several per chunk). After step 1 it saves a
-  checkpoint (cases in RESUMED) and then scores two rows with MegatronScorer, both while the
-  parameter gather is pending;
-- "resume" (cases in RESUMED): overlap on, loads that checkpoint and trains steps 2..STEPS.
+  checkpoint (cases in RESUMED), after step 2 it scores two rows with MegatronScorer (see
+  ``score``), both while the parameter gather is pending;
+- "resume" (cases in RESUMED): overlap on, loads that checkpoint's weights alone (recorded),
+  then weights and optimizer, and trains steps 2..STEPS.
 
 Each run records per-step losses and grad norms, whether each step's reduces were launched
 before finalize_model_grads waited on them ("early"), whether a parameter gather was left
@@ -89,13 +90,17 @@ def build(case: str, overlap: bool, init_state: list | None):
 def train(case: str, mode: str, root: str, init_state: list | None):
     dims, ddp, optimizer, init_state, ps = build(case, mode != "off", init_state)
     start = 0
+    rec = {}
     if mode == "resume":
+        # The weights alone first (what an export or an evaluation reads): the post-step ones?
+        load_checkpoint(root, ddp, model_config=tiny_debug().to_dict())
+        rec["loaded"] = full_params(ddp, ps)
         start = load_checkpoint(root, ddp, optimizer=optimizer,
                                 model_config=tiny_debug().to_dict())["iteration"]
     events: list = []
     instrument(ddp, events)
-    rec = dict(losses=[], norms=[], early=[], pending=[], groups=sum(len(c.bucket_groups)
-                                                                     for c in ddp))
+    rec.update(losses=[], norms=[], early=[], pending=[],
+               groups=sum(len(c.bucket_groups) for c in ddp))
     batches = global_batches()
     for step in range(start, STEPS):
         for group in optimizer.param_groups:
@@ -114,15 +119,32 @@ def train(case: str, mode: str, root: str, init_state: list | None):
         if mode == "on" and step == 0 and case in RESUMED:
             save_checkpoint(root, 1, ddp, model_config=tiny_debug().to_dict(),
                             layout=dims.layout_dict(), optimizer=optimizer)
-        if mode != "resume" and step == 0:
-            rows = batches[0][:2].numpy()
-            nll, count = MegatronScorer(ddp, vocab_size=VOCAB).nll(
-                rows[:, :-1], rows[:, 1:], np.ones((2, SEQ), dtype=bool))
-            rec["nll"] = nll.tolist()
+            rec["saved"] = full_params(ddp, ps)
+        if mode != "resume" and step == 1:  # a step after the save: nothing gathered it
+            rec["nll"] = score(ddp, dims, ps, batches[0][:2].numpy())
     finish_param_gather(ddp)  # the last step's gather is still pending with overlap
-    rec["params"] = merge_stages([gather_full_state(c, ps.get_tensor_model_parallel_group())
-                                  for c in ddp])
+    rec["params"] = full_params(ddp, ps)
     return rec, init_state
+
+
+def score(ddp: list, dims, ps, rows: np.ndarray) -> list | None:
+    """NLL of ``rows`` [2, SEQ + 1] by the scorer on the trainer's chunks. Without TP and PP the
+    scoring itself needs no peer, so only DP rank 0 scores: a parameter gather left to the
+    forward's hooks would then wait for a rank that never comes (the scorer must finish it
+    when built, on every rank)."""
+    scorer = MegatronScorer(ddp, vocab_size=VOCAB)
+    nll = None
+    if not (dims.tp == dims.pp == 1 and ps.get_data_parallel_rank() != 0):
+        nll = scorer.nll(rows[:, :-1], rows[:, 1:], np.ones((2, SEQ), dtype=bool))[0].tolist()
+    # The ranks meet again (as the trainer's metrics all-reduce makes them): had a gather been
+    # started by rank 0's forward alone, it would wait here forever (a launch timeout).
+    dist.barrier()
+    return nll
+
+
+def full_params(ddp: list, ps) -> dict:
+    """Every parameter in full (gather_full_state finishes a pending parameter gather first)."""
+    return merge_stages([gather_full_state(c, ps.get_tensor_model_parallel_group()) for c in ddp])
 
 
 def run_case(out_dir: str, case: str) -> None:
