@@ -7,9 +7,9 @@ trainings of STEPS steps in turn on the same initial weights and global batches:
   the distributed optimizer all-gathers inside optimizer.step);
 - "on": the defaults (overlapped reduce; with the distributed optimizer, the parameter gather
   left to the next forward) with small buckets (several per chunk). After step 1 it saves a
-  checkpoint (cases in RESUMED), after step 2 it scores two rows with MegatronScorer (see
+  checkpoint, after step 2 it scores two rows with MegatronScorer (see
   ``score``), both while the parameter gather is pending;
-- "resume" (cases in RESUMED): overlap on, loads that checkpoint's weights alone (recorded),
+- "resume": overlap on, loads that checkpoint's weights alone (recorded),
   then weights and optimizer, and trains steps 2..STEPS.
 
 Each run records per-step losses and grad norms, whether each step's reduces were launched
@@ -46,8 +46,6 @@ CASES = {
     "pp2_dp2_distopt": dict(pp=2, distributed_optimizer=True),
     "vp2_dp2_distopt": dict(pp=2, virtual_pp=2, distributed_optimizer=True),
 }
-# Cases that also run "resume" (a checkpoint round trip costs a few seconds per case).
-RESUMED = {"dp2", "dp2_distopt", "pp2_dp2_distopt"}
 
 
 def instrument(ddp: list, events: list) -> None:
@@ -116,25 +114,25 @@ def train(case: str, mode: str, root: str, init_state: list | None):
         rec["early"].append(events[:first_wait].count("start"))
         rec["pending"].append(any(not g.param_gather_dispatched for c in ddp
                                   if c.use_forward_hook for g in c.bucket_groups))
-        if mode == "on" and step == 0 and case in RESUMED:
+        if mode == "on" and step == 0:
             save_checkpoint(root, 1, ddp, model_config=tiny_debug().to_dict(),
                             layout=dims.layout_dict(), optimizer=optimizer)
             rec["saved"] = full_params(ddp, ps)
         if mode != "resume" and step == 1:  # a step after the save: nothing gathered it
-            rec["nll"] = score(ddp, dims, ps, batches[0][:2].numpy())
+            rec["nll"] = score(ddp, ps, batches[0][:2].numpy())
     finish_param_gather(ddp)  # the last step's gather is still pending with overlap
     rec["params"] = full_params(ddp, ps)
     return rec, init_state
 
 
-def score(ddp: list, dims, ps, rows: np.ndarray) -> list | None:
-    """NLL of ``rows`` [2, SEQ + 1] by the scorer on the trainer's chunks. Without TP and PP the
-    scoring itself needs no peer, so only DP rank 0 scores: a parameter gather left to the
-    forward's hooks would then wait for a rank that never comes (the scorer must finish it
-    when built, on every rank)."""
+def score(ddp: list, ps, rows: np.ndarray) -> list | None:
+    """NLL of ``rows`` [2, SEQ + 1] by the scorer on the trainer's chunks. Scoring needs only the
+    TP and PP peers of one model replica, so only data-parallel replica 0 scores: a parameter
+    gather left to the forward's hooks would then wait for ranks that never come (the scorer
+    must finish it when built, on every rank)."""
     scorer = MegatronScorer(ddp, vocab_size=VOCAB)
     nll = None
-    if not (dims.tp == dims.pp == 1 and ps.get_data_parallel_rank() != 0):
+    if ps.get_data_parallel_rank() == 0:
         nll = scorer.nll(rows[:, :-1], rows[:, 1:], np.ones((2, SEQ), dtype=bool))[0].tolist()
     # The ranks meet again (as the trainer's metrics all-reduce makes them): had a gather been
     # started by rank 0's forward alone, it would wait here forever (a launch timeout).
@@ -151,7 +149,7 @@ def run_case(out_dir: str, case: str) -> None:
     root = os.path.join(out_dir, f"{case}_ckpt")
     off, init_state = train(case, "off", root, None)
     on, _ = train(case, "on", root, init_state)
-    resumed = train(case, "resume", root, init_state)[0] if case in RESUMED else None
+    resumed, _ = train(case, "resume", root, init_state)
     if dist.get_rank() == 0:
         torch.save(dict(off=off, on=on, resume=resumed), os.path.join(out_dir, f"{case}.pt"))
     dist.barrier()

@@ -1,10 +1,11 @@
 """Overlapped gradient reduction and parameter gathering train exactly like the synchronous
 collectives (docs/design.md, "Overlapped data-parallel collectives").
 
-One 2-rank launch (DP2 with the plain and the distributed optimizer) and one 4-rank launch
-(TP2 x DP2, PP2 x DP2 and interleaved PP2 x DP2 with the distributed optimizer) each train
-every case three times from the same weights: overlap off, overlap on (small buckets), and
-resumed from a checkpoint the overlapped run saved with its parameter gather pending.
+One 2-rank launch (DP2 with the plain and the distributed optimizer) trains every case three
+times from the same weights: overlap off, overlap on (small buckets), and resumed from a
+checkpoint the overlapped run saved with its parameter gather pending. A 4-rank launch does the
+same for TP2 x DP2, PP2 x DP2 and interleaved PP2 x DP2 (distributed optimizer); on 2 cores it
+costs another 60-100 s, mostly imports, so it runs only when MEGASYNE_FOUR_RANK_TESTS=1.
 
 Bit-identical: losses, parameters, the scorer's NLL, and grad norms with the plain optimizer:
 with two data-parallel ranks every reduced element is one fp32 addition a + b, whatever the
@@ -12,6 +13,8 @@ buckets or the timing. The distributed optimizer's grad norm sums per-rank parti
 which elements a rank holds depends on the buckets, so it is compared within fp32 summation
 noise (measured 5e-7 relative); its runs clip nothing, so the updates stay exact.
 """
+
+import os
 
 import pytest
 import torch
@@ -88,9 +91,10 @@ def test_overlap_matches_synchronous_dp2(two_ranks, case):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.skipif(os.environ.get("MEGASYNE_FOUR_RANK_TESTS") != "1",
+                    reason="4 ranks on 2 cores: set MEGASYNE_FOUR_RANK_TESTS=1 to run")
 @pytest.mark.parametrize("case", FOUR_RANKS)
 def test_overlap_matches_synchronous_4_ranks(four_ranks, case):
     _check_parity(four_ranks[case], case)
     _check_overlapped(four_ranks[case], case)
-    if four_ranks[case]["resume"] is not None:  # the worker's RESUMED cases
-        _check_resume(four_ranks[case], case)
+    _check_resume(four_ranks[case], case)
