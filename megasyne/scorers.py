@@ -44,6 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megasyne.training.optim import finish_param_gather
+
 
 class TokenScorer(ABC):
     """Summed NLL of label rows under one model replica (see the module docstring)."""
@@ -120,6 +122,10 @@ class MegatronScorer(TokenScorer):
         self._owns_parallel = owns_parallel
         self.config = None
         """The LlamaConfig when loaded from a checkpoint (generation needs its shapes)."""
+        # The trainer's chunks may still await the all-gather of their last update
+        # (overlap_param_gather): finish it here, where every rank passes, so that the forwards
+        # below read post-step weights and communicate nothing however many each rank runs.
+        finish_param_gather(self.chunks)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, *, tp: int = 1, pp: int = 1,
@@ -212,6 +218,7 @@ class MegatronScorer(TokenScorer):
         from megasyne.model.documents import document_forward, schedule_shape
 
         rows = _check_batch(tokens, labels, mask, rows)
+        finish_param_gather(self.chunks)  # no-op unless chunks trained since __init__
         if (position_ids is None) != (document_ids is None):
             raise ValueError("nll: position_ids and document_ids go together (packed documents)")
         for name, extra in (("position_ids", position_ids), ("document_ids", document_ids)):

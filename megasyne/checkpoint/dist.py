@@ -73,6 +73,12 @@ def _barrier() -> None:
 
 
 def model_sharded_state_dict(chunks: list) -> dict:
+    """The chunks' sharded state dict (for a save, or as the template of a load), after any
+    pending all-gather of updated parameters (overlap_param_gather): a save then writes the
+    post-step weights, and a load is not overwritten by a gather still in flight."""
+    from megasyne.training.optim import finish_param_gather
+
+    finish_param_gather(chunks)
     if len(chunks) == 1:
         return {"model": unwrap(chunks[0]).sharded_state_dict()}
     return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}

@@ -105,9 +105,15 @@ def load_full_state(chunk, full_state: dict[str, torch.Tensor], tp_rank: int, tp
 def gather_full_state(chunk, tp_group=None, *, grads: bool = False) -> dict[str, torch.Tensor]:
     """This chunk's parameters (or main_grads) as full tensors with global names.
 
-    All ranks of ``tp_group`` must call it together (an all-gather per parameter).
+    All ranks of ``tp_group`` must call it together (an all-gather per parameter), and of the
+    data-parallel group too right after an optimizer step that left its parameter all-gather
+    to the next forward (overlap_param_gather: finished here first).
     """
     import torch.distributed as dist
+
+    from megasyne.training.optim import finish_param_gather
+
+    finish_param_gather([chunk])
 
     model = unwrap(chunk)
     offsets = layer_offset_map(model)

@@ -24,9 +24,13 @@ The patches, in short (details in PATCHES):
   (``ModelRuntime.wgrad_fusion=True``); applied by ``model.builder.transformer_config``.
 - ``writer_queue``: always, at the first checkpoint save; applied by
   ``checkpoint.dist.prepare_save``.
+- ``dist_opt_buckets``: always (a correctness fix of the distributed optimizer's fully
+  reshardable checkpoint when a buffer has several buckets); applied by
+  ``training.optim.build_optimizer``.
 
 Modules: ``cpu_shims`` (the CUDA-to-CPU stand-ins), ``multi_tensor_fallbacks``, ``rope_slot``,
-``wgrad_slot``, ``writer_queue``: the installers. The code they install stays with its kind: the RoPE and
+``wgrad_slot``, ``writer_queue``, ``dist_opt_buckets``: the installers. The code they install
+stays with its kind: the RoPE and
 weight-gradient glue in ``megasyne/model/fusions.py``, the ``_foreach`` ops in
 ``megasyne/training/multi_tensor.py``. (Our SwiGLU and attention modules reach Megatron
 through its layer spec, which is configuration, not a patch.)
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 
 from megasyne.megatron_patches import (
     cpu_shims,
+    dist_opt_buckets,
     multi_tensor_fallbacks,
     rope_slot,
     wgrad_slot,
@@ -135,6 +140,17 @@ PATCHES = (
             "save-on-SIGTERM fails; and a SIGKILLed trainer leaves that process orphaned",
         apply="apply_writer_queue, from megasyne.checkpoint.dist.prepare_save",
     ),
+    Patch(
+        name="dist_opt_buckets",
+        targets=((f"{_OPT}.distrib_optimizer",
+                  "DistributedOptimizer.sharded_param_state_fully_reshardable"),),
+        active="always once applied (GPU and CPU); changes nothing with one bucket per buffer",
+        why="with several buckets per gradient buffer (overlapped reduction, or a tied "
+            "embedding at PP > 1) megatron-core cuts the gathered optimizer state at padded "
+            "offsets it laid out unpadded: every later parameter's saved master weights and "
+            "Adam moments are shifted (dist_opt_buckets.py), and a resume trains on them",
+        apply="apply_dist_opt_buckets, from megasyne.training.optim.build_optimizer",
+    ),
 )
 
 
@@ -184,12 +200,18 @@ def apply_writer_queue() -> bool:
     return writer_queue.install()
 
 
+def apply_dist_opt_buckets() -> bool:
+    """The ``dist_opt_buckets`` patch (always active once applied). Idempotent."""
+    _check_version()
+    return dist_opt_buckets.install()
+
+
 def wgrad_accumulation_status() -> str | None:
     """Why our weight-gradient accumulation is off on this GPU (None: not probed, or fine)."""
     return wgrad_slot.status()
 
 
-__all__ = ["CHECKED_AGAINST", "PATCHES", "Patch", "apply_cpu_shims",
+__all__ = ["CHECKED_AGAINST", "PATCHES", "Patch", "apply_cpu_shims", "apply_dist_opt_buckets",
            "apply_multi_tensor_fallbacks", "apply_rope_slot", "apply_wgrad_accumulation",
            "apply_writer_queue",
            "wgrad_accumulation_status"]

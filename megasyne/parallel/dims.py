@@ -36,6 +36,19 @@ class ParallelDims:
     """Split LayerNorm/dropout activations over the TP group (needs tp > 1)."""
     distributed_optimizer: bool = False
     """Shard optimizer state (and fp32 master weights) over the data-parallel group (ZeRO-1)."""
+    overlap_grad_reduce: bool = True
+    """Reduce gradients over the data-parallel group bucket by bucket during the backward of the
+    last micro-batch, as each bucket's last gradient is ready (all-reduce, or reduce-scatter
+    with the distributed optimizer), instead of all at once after it. Same values either way
+    (docs/design.md); off only to rule it out when debugging."""
+    overlap_param_gather: bool | None = None
+    """Distributed optimizer: all-gather the updated parameters bucket by bucket during the next
+    forward (Megatron-Core's forward pre-hooks) instead of at the end of optimizer.step. None =
+    on whenever distributed_optimizer and overlap_grad_reduce are (see ``param_gather_overlapped``);
+    True requires both."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient bucket when overlapping (smaller: the first reduce starts earlier,
+    more collectives). None = Megatron-Core's max(40M, 1M x data-parallel size)."""
 
     def __post_init__(self):
         for name in ("tp", "pp", "cp", "world_size"):
@@ -68,11 +81,32 @@ class ParallelDims:
                 )
         if self.sequence_parallel and self.tp < 2:
             raise ParallelConfigError("sequence_parallel needs tp >= 2 (it splits activations over TP)")
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise ParallelConfigError(
+                "parallel.overlap_param_gather needs distributed_optimizer=true (only the "
+                "distributed optimizer all-gathers parameters); unset it or turn that on")
+        if self.overlap_param_gather and not self.overlap_grad_reduce:
+            raise ParallelConfigError(
+                "parallel.overlap_param_gather needs overlap_grad_reduce=true (the gather runs "
+                "per gradient bucket, and without overlap there is one bucket); unset it")
+        if self.ddp_bucket_size is not None and (
+                isinstance(self.ddp_bucket_size, bool) or not isinstance(self.ddp_bucket_size, int)
+                or self.ddp_bucket_size < 1):
+            raise ParallelConfigError(f"parallel.ddp_bucket_size must be a positive number of "
+                                      f"parameters or None, got {self.ddp_bucket_size!r}")
 
     @property
     def vp_size(self) -> int | None:
         """Megatron's virtual_pipeline_model_parallel_size (None when not interleaved)."""
         return self.virtual_pp if self.virtual_pp and self.virtual_pp > 1 else None
+
+    @property
+    def param_gather_overlapped(self) -> bool:
+        """Whether parameter all-gathers overlap the next forward (``overlap_param_gather``
+        resolved: None means on with the distributed optimizer and overlapped reduces)."""
+        if self.overlap_param_gather is None:
+            return self.distributed_optimizer and self.overlap_grad_reduce
+        return self.overlap_param_gather
 
     @property
     def model_chunks(self) -> int:

@@ -51,7 +51,8 @@ def main() -> None:
                "multi_tensor": mp.apply_multi_tensor_fallbacks(),
                "rope_slot": mp.apply_rope_slot(),
                "wgrad_accumulation": mp.apply_wgrad_accumulation(force=True),
-               "writer_queue": mp.apply_writer_queue()}
+               "writer_queue": mp.apply_writer_queue(),
+               "dist_opt_buckets": mp.apply_dist_opt_buckets()}
     if sys.argv[1:] == ["--inject"]:  # the test's own check that a stray change is caught
         from megatron.core import utils
         from megatron.core.models.common.embeddings import rope_utils

@@ -20,10 +20,27 @@ def test_dp_is_derived_from_world_size():
     (dict(tp=0, world_size=1), "parallel.tp must be a positive integer"),
     (dict(sequence_parallel=True, world_size=1), "sequence_parallel needs tp >= 2"),
     (dict(virtual_pp=2, world_size=1), "needs pp >= 2"),
+    (dict(overlap_param_gather=True, world_size=2), "overlap_param_gather needs distributed_opt"),
+    (dict(overlap_param_gather=True, distributed_optimizer=True, overlap_grad_reduce=False,
+          world_size=2), "overlap_param_gather needs overlap_grad_reduce"),
+    (dict(ddp_bucket_size=0, world_size=1), "ddp_bucket_size must be a positive number"),
+    (dict(ddp_bucket_size=True, world_size=1), "ddp_bucket_size must be a positive number"),
 ])
 def test_bad_layouts(kwargs, message):
     with pytest.raises(ParallelConfigError, match=message):
         ParallelDims(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, overlapped", [
+    (dict(), False),                                                   # plain optimizer
+    (dict(distributed_optimizer=True), True),                          # the default with ZeRO-1
+    (dict(distributed_optimizer=True, overlap_grad_reduce=False), False),
+    (dict(distributed_optimizer=True, overlap_param_gather=False), False),
+])
+def test_param_gather_overlap_defaults(kwargs, overlapped):
+    dims = ParallelDims(world_size=2, **kwargs)
+    assert dims.overlap_grad_reduce == kwargs.get("overlap_grad_reduce", True)
+    assert dims.param_gather_overlapped is overlapped
 
 
 @pytest.mark.parametrize("kwargs, model, message", [
