@@ -178,6 +178,9 @@ class Trainer:
             if cfg.init_checkpoint:
                 ckpt.load_checkpoint(cfg.init_checkpoint, self.chunks,
                                      model_config=self.model_cfg.to_dict())
+                # bf16: the optimizer's fp32 master copies were made from the random init
+                # when it was built; without this the first update writes them back.
+                self.optimizer.reload_model_params()
                 print0(f"initial weights from {cfg.init_checkpoint}")
             return False
         self.check_resumable(ckpt.read_manifest(path)["extra"], checkpoint=str(path))

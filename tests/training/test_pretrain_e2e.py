@@ -241,6 +241,31 @@ def test_training_starts_from_a_converted_hugging_face_checkpoint(setup):
     assert saved["model"] == "init_checkpoint"
 
 
+def test_bf16_run_from_initial_weights_updates_those_weights(setup):
+    """bf16 with fp32 master weights from init_checkpoint: the optimizer's fp32 copies are made
+    when it is built, before the initial weights are loaded, so they must be refreshed from
+    them; otherwise the first update writes the random-init masters back into the model (a
+    CPT run silently restarts from scratch). One update with LR 2e-3 moves each weight by
+    ~2e-3 (Adam's first step), far below the ~0.03 between two random inits."""
+    from megasyne.checkpoint.hf import param_maps
+    from megasyne.checkpoint.hf_convert import MegasyneCheckpoint
+
+    if not (setup / "ms_init").exists():
+        pytest.skip("needs the converted checkpoint of the from-HF test (same module)")
+    proc = launch(setup, "from_init_bf16", "model=init_checkpoint", "dtype=bf16",
+                  f"init_checkpoint={setup / 'ms_init'}", "train_steps=1", "data_prefetch=0")
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    init = MegasyneCheckpoint(setup / "ms_init")
+    trained = MegasyneCheckpoint(setup / "from_init_bf16" / "checkpoints")
+    worst = {}
+    for pm in param_maps(init.config):
+        a, b = init.read(pm.megatron).float(), trained.read(pm.megatron).float()
+        rows = min(a.shape[0], b.shape[0])  # the vocabulary may be padded differently
+        worst[pm.megatron] = (a[:rows] - b[:rows]).abs().max().item()
+    assert max(worst.values()) < 1e-2, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    assert max(worst.values()) > 0  # it did train
+
+
 def test_bf16_with_fp32_master_weights_follows_the_fp32_run(setup):
     proc = launch(setup, "bf16", "dtype=bf16", "train_steps=3")
     assert proc.returncode == 0, proc.stderr[-6000:]
