@@ -75,6 +75,8 @@ setup(
         # Used only when they import cleanly on a CUDA machine; never on CPU.
         "gpu": ["transformer-engine[pytorch]"],
         "test": ["pytest", "transformers"],
+        # Optional: ~3x faster JSON-lines parsing in the preprocessor (json is the fallback).
+        "fast": ["orjson>=3.10"],
     },
     include_package_data=False,
     zip_safe=False,

@@ -21,6 +21,7 @@
  */
 #include "index_builders.h"
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -51,19 +52,23 @@ py::array_t<T> build_sample_index_impl(const py::array_t<int32_t, py::array::c_s
   const T *order = kOrdered ? order_->data() : nullptr;
   const int64_t num_docs = kOrdered ? order_->shape(0) : num_lengths;
 
-  // Capacity: exact when the epoch reads every document once; grows otherwise.
+  // Capacity: exact when the epoch reads every document once; grows otherwise. The rows
+  // are written through a raw pointer: a push_back checks the capacity for every entry, a
+  // cost that shows in a loop this short (the growth check below runs once per row).
   int64_t all_tokens = 0;
   for (int64_t d = 0; d < num_lengths; ++d) {
     all_tokens += lengths[d] > 0 ? lengths[d] : 0;
   }
-  auto rows = std::make_unique<std::vector<T>>();
-  rows->reserve(2 * (all_tokens / seq_length + 2));
+  // new T[] leaves the memory uninitialised: no zero-filling pass over the whole output.
+  int64_t capacity = 2 * (all_tokens / seq_length + 2);
+  std::unique_ptr<T[]> rows(new T[capacity]);
+  T *out = rows.get();
 
   int64_t bad_position = -1;  // first position with an invalid document id or length
   int64_t doc_start = 0;      // stream position of document p's first token
+  int64_t written = 0;        // entries of out written so far
   {
     py::gil_scoped_release release;
-    std::vector<T> &out = *rows;
     int64_t next_token = 0;   // the next boundary, k * seq_length
     for (int64_t p = 0; p < num_docs; ++p) {
       if (kOrdered && p + kPrefetchDistance < num_docs) {
@@ -83,8 +88,16 @@ py::array_t<T> build_sample_index_impl(const py::array_t<int32_t, py::array::c_s
       }
       const int64_t doc_end = doc_start + lengths[d];
       while (next_token < doc_end) {  // every boundary that falls inside document p
-        out.push_back(static_cast<T>(p));
-        out.push_back(static_cast<T>(next_token - doc_start));
+        if (written + 2 > capacity) {  // only when the order repeats documents
+          capacity = 2 * capacity + 2;
+          std::unique_ptr<T[]> grown(new T[capacity]);
+          std::copy(out, out + written, grown.get());
+          rows = std::move(grown);
+          out = rows.get();
+        }
+        out[written] = static_cast<T>(p);
+        out[written + 1] = static_cast<T>(next_token - doc_start);
+        written += 2;
         next_token += seq_length;
       }
       doc_start = doc_end;
@@ -94,8 +107,10 @@ py::array_t<T> build_sample_index_impl(const py::array_t<int32_t, py::array::c_s
     const int64_t d = kOrdered ? static_cast<int64_t>(order[bad_position]) : bad_position;
     throw std::invalid_argument(
         "build_sample_index: position " + std::to_string(bad_position) + ": " +
-        (d < 0 || d >= num_lengths ? "document id " + std::to_string(d) + " out of range"
-                                   : "negative length of document " + std::to_string(d)));
+        (d < 0 || d >= num_lengths
+             ? "document id " + std::to_string(d) + " out of range (document ids must be in [0, " +
+                   std::to_string(num_lengths) + "))"
+             : "negative length of document " + std::to_string(d)));
   }
   const int64_t num_tokens = doc_start;
   if (num_tokens < seq_length + 1) {
@@ -105,10 +120,11 @@ py::array_t<T> build_sample_index_impl(const py::array_t<int32_t, py::array::c_s
   }
   // Boundaries were placed for every k with k * seq_length <= num_tokens - 1.
   const int64_t num_samples = (num_tokens - 1) / seq_length;
-  if (static_cast<int64_t>(rows->size()) != 2 * (num_samples + 1)) {
+  if (written != 2 * (num_samples + 1)) {
     throw std::logic_error("build_sample_index: internal error, row count mismatch");
   }
-  return owning_vector_array<T>(std::move(rows), {num_samples + 1, 2});
+  // The array views the first `written` entries; the (at most few) spare ones are freed with it.
+  return owning_array<T>(std::move(rows), {num_samples + 1, 2});
 }
 
 template <typename T>

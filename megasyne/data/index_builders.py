@@ -121,8 +121,6 @@ def build_sample_index(lengths, seq_length: int, dtype=None, *, order=None) -> n
             raise ValueError("lengths: a document is longer than 2**31 - 1 tokens")
         lens = lens.astype(np.int32)
     lens = np.ascontiguousarray(lens)
-    if lens.size and int(lens.min()) < 0:
-        raise ValueError(f"lengths: negative length at position {int(np.argmin(lens))}")
     if isinstance(seq_length, (bool, np.bool_)) or not isinstance(seq_length, (int, np.integer)) \
             or seq_length < 1:
         raise ValueError(f"seq_length: expected an int >= 1, got {seq_length!r}")
@@ -132,20 +130,17 @@ def build_sample_index(lengths, seq_length: int, dtype=None, *, order=None) -> n
         raise ValueError(f"dtype: expected int32 or int64, got {dt}")
     if dt == np.int32 and num_docs > INT32_MAX:
         raise ValueError(f"dtype: int32 cannot address {num_docs} documents; use int64")
-    if order is None:
-        num_tokens = int(lens.sum(dtype=np.int64))
-    else:
+    # Negative lengths, document ids out of range and too few tokens are checked by the C++
+    # loop as it reads each value (ValueError naming the position): a pass here for each would
+    # cost more than the loop's own checks (the arrays hold up to ~10^8 entries).
+    if order is not None:
         o = np.asarray(order)
         if o.ndim != 1 or o.dtype.kind not in "iu":
             raise ValueError(f"order: expected a 1-D integer array, got {o.dtype} {o.shape}")
-        if o.size and (int(o.min()) < 0 or int(o.max()) >= lens.shape[0]):
+        if o.dtype != dt and o.size and (int(o.min()) < 0 or int(o.max()) >= lens.shape[0]):
+            # Here only: casting to dt could wrap an out-of-range id into range.
             raise ValueError(f"order: document ids must be in [0, {lens.shape[0]})")
         order = np.ascontiguousarray(o, dtype=dt)
-        num_tokens = int(lens.sum(dtype=np.int64)) if o.size == lens.size else \
-            int(lens[order].sum(dtype=np.int64))
-    if num_tokens < seq_length + 1:
-        raise ValueError(f"lengths: {num_tokens} tokens cannot hold one sample of "
-                         f"seq_length + 1 = {seq_length + 1} tokens")
     if order is None:
         fn = _csrc.build_sample_index_int32 if dt == np.int32 else _csrc.build_sample_index_int64
         return fn(lens, int(seq_length))
