@@ -117,6 +117,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _sum_over_ranks(*values: int) -> list[int]:
+    """Totals over all ranks (the report counts the work done, not the work planned)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return list(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _raise_everywhere(error: MegasyneError | None, rank: int) -> None:
     """Rank 0's error (a refused state directory) raised on every rank, instead of the other
     ranks waiting at a barrier until the collective timeout."""
@@ -184,18 +197,19 @@ def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer
         if cfg.kill_after_blocks is not None and k >= cfg.kill_after_blocks:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
-    _barrier()
+    labelled = _sum_over_ranks(len(mine), my_docs)  # also the barrier after the last save
     label_s = time.time() - t1
     report = None
     if rank == 0:
-        report = _publish(cfg, ds, store, clf, featurizer, resumed_blocks=resumed, mine=len(mine),
-                          world=world, seconds=time.time() - t0, label_s=label_s)
+        report = _publish(cfg, ds, store, clf, featurizer, resumed=len(resumed), mine=len(mine),
+                          labelled=labelled, world=world, seconds=time.time() - t0,
+                          label_s=label_s)
     _barrier()
     return report
 
 
 def _publish(cfg: LabelConfig, ds: IndexedDataset, store: BlockStore, clf: TopicClassifier,
-             featurizer: Featurizer, *, resumed_blocks: list[int], mine: int, world: int,
+             featurizer: Featurizer, *, resumed: int, mine: int, labelled: list[int], world: int,
              seconds: float, label_s: float) -> dict:
     """Rank 0: assemble the blocks, write the field(s) and the report, remove the state."""
     arrays = store.assemble()
@@ -205,19 +219,16 @@ def _publish(cfg: LabelConfig, ds: IndexedDataset, store: BlockStore, clf: Topic
         write_metadata_field(cfg.prefix, cfg.confidence_field, arrays["confidence"],
                              description=f"confidence of {cfg.field}")
     counts = np.bincount(arrays["topic"].astype(np.int64), minlength=len(clf.topics))
-    labelled = ds.num_documents - sum(store.block_range(b)[1] - store.block_range(b)[0]
-                                      for b in resumed_blocks)
     report = {"dataset": cfg.prefix, "field": cfg.field, "lang": clf.lang,
               "features": clf.features, "encoder": featurizer.precision or None,
               "documents": ds.num_documents, "blocks": store.num_blocks,
-              "blocks_resumed": len(resumed_blocks),
-              "blocks_labelled": store.num_blocks - len(resumed_blocks),
+              "blocks_resumed": resumed, "blocks_labelled": labelled[0],
               "blocks_labelled_by_rank0": mine, "world_size": world,
-              "documents_labelled": labelled,
+              "documents_labelled": labelled[1],
               "topic_counts": dict(zip(clf.topics, counts.tolist())),
               "mean_confidence": float(arrays["confidence"].mean()) if ds.num_documents else None,
               "seconds": round(seconds, 3), "label_seconds": round(label_s, 3),
-              "docs_per_s": round(labelled / label_s, 2) if label_s > 0 else None}
+              "docs_per_s": round(labelled[1] / label_s, 2) if label_s > 0 else None}
     path = Path(f"{cfg.prefix}.{cfg.field}.report.json")
     tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")

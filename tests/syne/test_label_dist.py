@@ -94,6 +94,7 @@ def _report(work, run: int) -> dict:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # the module's fixture: ~35 s on 2 idle-ish cores (3 label runs, 1 torchrun)
 def test_two_ranks_write_the_bytes_of_one(work):
     one, two = work["reference"], _report(work, 0)
     assert (one["world_size"], two["world_size"]) == (1, 2)
@@ -128,7 +129,8 @@ def test_length_buckets_keep_each_embedding(work):
     """MiniLM in sorted batches of 5 and 64 vs transformers on each text alone (no padding)."""
     import transformers
 
-    texts = [work["tok"].decode(work["tok"].encode(t).ids[:256]) for t in work["texts"]]
+    # 15 documents: 1 to 5 paragraphs each, so every batch of 5 mixes lengths before sorting
+    texts = [work["tok"].decode(work["tok"].encode(t).ids[:256]) for t in work["texts"][:15]]
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     model = transformers.AutoModel.from_pretrained(minilm_dir()).eval()
     ref = []
@@ -144,4 +146,4 @@ def test_length_buckets_keep_each_embedding(work):
         assert (got - ref).abs().max() < 1e-5, (batch, float((got - ref).abs().max()))
         labels.append(predict_texts(work["clf"], work["feat"], texts)[0])
     assert all(np.array_equal(labels[0], x) for x in labels)
-    assert np.array_equal(labels[0], read_metadata_field(work["prefix"], "t1"))
+    assert np.array_equal(labels[0], read_metadata_field(work["prefix"], "t1")[:15])
