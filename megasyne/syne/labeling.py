@@ -2,9 +2,18 @@
 a JSONL file, and cross-validate on a labelled set (the numbers of benchmarks/results/topics.md).
 
 Dataset labelling reads each document's first ``max_tokens`` tokens, decodes them with the
-dataset's tokenizer, and classifies the text. It is resumable like score_ppl (blocks of documents
-saved atomically under ``<prefix>.meta/.<field>.partial``); the categorical field (categories =
-the taxonomy's topic ids of that language, in order) appears only when every block is done.
+dataset's tokenizer, and classifies the text. Work is cut into blocks of documents
+(:mod:`megasyne.syne.blocks`, as score_ppl): each finished block is saved atomically under
+``<prefix>.meta/.<field>.partial``, a killed run continues from the blocks on disk (with any number
+of ranks), and under torchrun the pending blocks are dealt round-robin to the ranks (all nodes; the
+state directory must be on a filesystem every rank sees). Rank 0 assembles the blocks and writes the
+categorical field (categories = the taxonomy's topic ids of that language, in order) only when
+every block is done, then the report ``<prefix>.<field>.report.json``.
+
+A block's labels do not depend on which rank computes it nor on how many ranks there are: a block
+is always the same documents, embedded in the same batches. On CUDA the MiniLM encoder runs in
+bf16 (see :class:`~megasyne.syne.topics.MiniLMFeatures`); the run records the encoder's device and
+dtype so that a resume never mixes fp32-CPU and bf16-GPU blocks in one field.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import numpy as np
 
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
+from megasyne.errors import MegasyneError
 from megasyne.jsonl import read_jsonl
 from megasyne.syne.blocks import BlockStore
 from megasyne.syne.ppl import document_tokens
@@ -33,13 +43,17 @@ from megasyne.syne.topics import (
     train_classifier,
 )
 
+PREDICT_CHUNK = 2048
+"""Texts featurized at once: the MiniLM length buckets are sorted within it, and the dense hashed
+n-gram rows ([chunk, 65536] float32, 512 MiB) stay bounded."""
+
 
 def predict_texts(clf: TopicClassifier, featurizer: Featurizer, texts: list[str],
-                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(topic index [n], confidence [n]) for raw texts."""
+                  chunk: int = PREDICT_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """(topic index [n], confidence [n]) for raw texts, in their order."""
     idx, conf = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for i in range(0, len(texts), batch_size):
-        a, b = clf.predict(featurizer, texts[i:i + batch_size])
+    for i in range(0, len(texts), chunk):
+        a, b = clf.predict(featurizer, texts[i:i + chunk])
         idx.append(a)
         conf.append(b)
     return np.concatenate(idx), np.concatenate(conf)
@@ -47,53 +61,157 @@ def predict_texts(clf: TopicClassifier, featurizer: Featurizer, texts: list[str]
 
 @dataclass(kw_only=True)
 class LabelConfig:
-    """Dataset labelling options."""
+    """Dataset labelling options (the model and tokenizer are given separately)."""
 
     prefix: str
+    """Dataset prefix (``<prefix>.bin/.idx``)."""
     field: str = "topic"
+    """Categorical metadata field to write."""
     confidence_field: str | None = None
     """Also write the classifier's confidence (float32) under this name."""
     max_tokens: int = 512
     """Tokens of each document read for classification."""
-    batch_size: int = 64
     block_size: int = 4096
+    """Documents per resumable block (a crash loses at most one block per rank)."""
     state_dir: str | None = None
+    """Where finished blocks wait (default ``<prefix>.meta/.<field>.partial``)."""
     restart: bool = False
+    """Discard blocks of an interrupted run with another configuration."""
     progress: bool = True
+    """tqdm bar (rank 0)."""
     kill_after_blocks: int | None = None
-    """Tests only: SIGKILL after saving that many blocks."""
+    """Tests only: SIGKILL this process after saving that many blocks (a crash at a known point)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1 or self.block_size < 1:
+            raise TopicError(f"--max-tokens and --block-size must be >= 1, got {self.max_tokens} "
+                             f"and {self.block_size}")
+
+    @property
+    def state_path(self) -> str:
+        return self.state_dir or os.path.join(meta_dir(self.prefix), f".{self.field}.partial")
 
 
-def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer, tokenizer) -> dict:
-    """Label every document of ``cfg.prefix``; returns the report (also ``<prefix>.<field>.report.json``)."""
+def init_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group). Under torchrun
+    (``WORLD_SIZE`` > 1) joins a group: NCCL when there is a GPU (one per local rank), else gloo."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sum_over_ranks(*values: int) -> list[int]:
+    """Totals over all ranks (the report counts the work done, not the work planned)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return list(values)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _raise_everywhere(error: MegasyneError | None, rank: int) -> None:
+    """Rank 0's error (a refused state directory) raised on every rank, instead of the other
+    ranks waiting at a barrier until the collective timeout."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    box = [error if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+
+
+def _open_store(cfg: LabelConfig, ds: IndexedDataset, clf: TopicClassifier, featurizer: Featurizer,
+                tokenizer, rank: int) -> BlockStore:
+    run_config = {"field": cfg.field, "idx_fingerprint": idx_fingerprint(cfg.prefix),
+                  "topics": clf.topics, "head": clf.info, "features": clf.features,
+                  "weight_sum": float(clf.weight.double().sum()),
+                  "tokenizer": getattr(tokenizer, "path", ""), "max_tokens": cfg.max_tokens,
+                  "encoder": featurizer.precision}
+    store_args = dict(config=run_config, num_items=ds.num_documents, block_size=cfg.block_size)
+    error = None
+    if rank == 0:
+        try:
+            BlockStore(cfg.state_path, restart=cfg.restart, **store_args)
+        except MegasyneError as exc:
+            error = exc
+    _raise_everywhere(error, rank)
+    return BlockStore(cfg.state_path, create=False, **store_args)
+
+
+def label_block(ds: IndexedDataset, start: int, stop: int, clf: TopicClassifier,
+                featurizer: Featurizer, tokenizer, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(topic index [stop - start] int16, confidence [..] float32) of documents [start, stop)."""
+    texts = [tokenizer.decode(document_tokens(ds, d)[:max_tokens]) for d in range(start, stop)]
+    idx, conf = predict_texts(clf, featurizer, texts)
+    return idx.astype(np.int16), conf
+
+
+def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer,
+                  tokenizer) -> dict | None:
+    """Label this rank's share of the documents of ``cfg.prefix``, then rank 0 writes the field(s);
+    returns the report on rank 0 (None elsewhere). Every rank of the job must call it."""
+    import torch.distributed as dist
     from tqdm import tqdm
 
     t0 = time.time()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     ds = IndexedDataset(cfg.prefix)
-    state = cfg.state_dir or os.path.join(meta_dir(cfg.prefix), f".{cfg.field}.partial")
-    store = BlockStore(state, restart=cfg.restart, num_items=ds.num_documents,
-                       block_size=cfg.block_size,
-                       config={"field": cfg.field, "idx_fingerprint": idx_fingerprint(cfg.prefix),
-                               "topics": clf.topics, "head": clf.info, "features": clf.features,
-                               "weight_sum": float(clf.weight.double().sum()),
-                               "tokenizer": getattr(tokenizer, "path", ""),
-                               "max_tokens": cfg.max_tokens})
-    resumed = len(store.done_blocks())
-    pending = store.pending()
-    bar = tqdm(total=sum(store.block_range(b)[1] - store.block_range(b)[0] for b in pending),
-               unit="doc", desc=f"label_topics {cfg.field}", disable=not cfg.progress,
-               dynamic_ncols=True)
-    for k, b in enumerate(pending, 1):
+    store = _open_store(cfg, ds, clf, featurizer, tokenizer, rank)
+    resumed = sorted(store.done_blocks())
+    mine = store.pending(rank, world)
+    _barrier()  # every rank has listed the pending blocks before anyone saves
+    t1 = time.time()
+    my_docs = sum(store.block_range(b)[1] - store.block_range(b)[0] for b in mine)
+    bar = tqdm(total=my_docs, unit="doc", desc=f"label_topics {cfg.field} (rank 0 of {world})",
+               disable=not (cfg.progress and rank == 0), dynamic_ncols=True)
+    for k, b in enumerate(mine, 1):
         start, stop = store.block_range(b)
-        texts = []
-        for d in range(start, stop):
-            texts.append(tokenizer.decode(document_tokens(ds, d)[:cfg.max_tokens]))
-        idx, conf = predict_texts(clf, featurizer, texts, cfg.batch_size)
-        store.save(b, topic=idx.astype(np.int16), confidence=conf)
+        idx, conf = label_block(ds, start, stop, clf, featurizer, tokenizer, cfg.max_tokens)
+        store.save(b, topic=idx, confidence=conf)
         bar.update(stop - start)
         if cfg.kill_after_blocks is not None and k >= cfg.kill_after_blocks:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    labelled = _sum_over_ranks(len(mine), my_docs)  # also the barrier after the last save
+    label_s = time.time() - t1
+    report = None
+    if rank == 0:
+        report = _publish(cfg, ds, store, clf, featurizer, resumed=len(resumed), mine=len(mine),
+                          labelled=labelled, world=world, seconds=time.time() - t0,
+                          label_s=label_s)
+    _barrier()
+    return report
+
+
+def _publish(cfg: LabelConfig, ds: IndexedDataset, store: BlockStore, clf: TopicClassifier,
+             featurizer: Featurizer, *, resumed: int, mine: int, labelled: list[int], world: int,
+             seconds: float, label_s: float) -> dict:
+    """Rank 0: assemble the blocks, write the field(s) and the report, remove the state."""
     arrays = store.assemble()
     write_metadata_field(cfg.prefix, cfg.field, arrays["topic"], categories=clf.topics,
                          description=f"topic ({clf.lang}, {clf.features} + linear head)")
@@ -101,13 +219,16 @@ def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer
         write_metadata_field(cfg.prefix, cfg.confidence_field, arrays["confidence"],
                              description=f"confidence of {cfg.field}")
     counts = np.bincount(arrays["topic"].astype(np.int64), minlength=len(clf.topics))
-    seconds = time.time() - t0
-    scored = sum(store.block_range(b)[1] - store.block_range(b)[0] for b in pending)
     report = {"dataset": cfg.prefix, "field": cfg.field, "lang": clf.lang,
-              "documents": ds.num_documents, "blocks": store.num_blocks, "blocks_resumed": resumed,
+              "features": clf.features, "encoder": featurizer.precision or None,
+              "documents": ds.num_documents, "blocks": store.num_blocks,
+              "blocks_resumed": resumed, "blocks_labelled": labelled[0],
+              "blocks_labelled_by_rank0": mine, "world_size": world,
+              "documents_labelled": labelled[1],
               "topic_counts": dict(zip(clf.topics, counts.tolist())),
               "mean_confidence": float(arrays["confidence"].mean()) if ds.num_documents else None,
-              "seconds": round(seconds, 3), "docs_per_s": round(scored / seconds, 2) if seconds else None}
+              "seconds": round(seconds, 3), "label_seconds": round(label_s, 3),
+              "docs_per_s": round(labelled[1] / label_s, 2) if label_s > 0 else None}
     path = Path(f"{cfg.prefix}.{cfg.field}.report.json")
     tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
@@ -117,14 +238,14 @@ def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer
 
 
 def label_jsonl(input_path: str, output_path: str, clf: TopicClassifier, featurizer: Featurizer, *,
-                text_key: str = "text", field: str = "topic", batch_size: int = 64) -> dict:
+                text_key: str = "text", field: str = "topic") -> dict:
     """Copy a JSONL file adding ``field`` (topic id) and ``<field>_confidence`` to each record."""
     records = []
     for n, rec in read_jsonl(input_path, TopicError):
         if not isinstance(rec.get(text_key), str):
             raise TopicError(f"{input_path}:{n}: no string field {text_key!r}")
         records.append(rec)
-    idx, conf = predict_texts(clf, featurizer, [r[text_key] for r in records], batch_size)
+    idx, conf = predict_texts(clf, featurizer, [r[text_key] for r in records])
     tmp = f"{output_path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         for rec, i, c in zip(records, idx, conf):
@@ -236,5 +357,5 @@ def render_markdown(results: list[dict], *, labelled_path: str, taxonomy_path: s
     return "\n".join(lines)
 
 
-__all__ = ["LabelConfig", "cross_validate", "label_dataset", "label_jsonl", "predict_texts",
-           "render_markdown", "stratified_folds"]
+__all__ = ["LabelConfig", "cross_validate", "init_distributed", "label_block", "label_dataset",
+           "label_jsonl", "predict_texts", "render_markdown", "stratified_folds"]

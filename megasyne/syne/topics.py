@@ -194,30 +194,61 @@ def minilm_dir() -> Path:
 
 
 class MiniLMFeatures:
-    """Sentence embeddings [n, 384], mean-pooled over the first ``max_length`` word pieces."""
+    """Sentence embeddings [n, 384], mean-pooled over the first ``max_length`` word pieces.
+
+    On CUDA the encoder runs in bf16 (pooling and normalisation in fp32), on the CPU in fp32.
+    The texts of one call are sorted by word-piece count and cut into batches of ``batch_size``
+    of similar length, so padding is small; rows come back in the caller's order. Padding is
+    masked out of attention and pooling, so a text's embedding does not depend on its batch
+    beyond float rounding (fp32: ~1e-6; bf16: ~1e-2, which can flip a near-tie between topics
+    when the batch size changes, never when only the number of ranks does).
+    """
 
     dim = 384
 
-    def __init__(self, max_length: int = 256, batch_size: int = 32) -> None:
+    def __init__(self, max_length: int = 256, batch_size: int | None = None,
+                 device: str | torch.device | None = None) -> None:
         import transformers
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = minilm_dir()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # bf16 tensor cores on the GPU; the CPU has no fast bf16 GEMM on most hosts, keep fp32
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        self.model = transformers.AutoModel.from_pretrained(path).eval()
-        self.max_length, self.batch_size = max_length, batch_size
+        self.model = transformers.AutoModel.from_pretrained(path, dtype=self.dtype).eval()
+        self.model.to(self.device)
+        self.max_length = max_length
+        self.batch_size = batch_size or (256 if self.device.type == "cuda" else 32)
+        if self.batch_size < 1:
+            raise TopicError(f"MiniLM batch size must be >= 1, got {self.batch_size}")
+
+    @property
+    def precision(self) -> str:
+        """Where and how the encoder runs (recorded by resumable runs: blocks must not mix)."""
+        return f"{self.device.type}-{str(self.dtype).replace('torch.', '')}"
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))  # longest first
+        out = torch.zeros(len(ids), self.dim)                               # [n, 384]
+        pad = self.tokenizer.pad_token_id or 0
+        for k in range(0, len(order), self.batch_size):
+            rows = order[k:k + self.batch_size]
+            s = len(ids[rows[0]])                                           # longest of the batch
+            tok = torch.full((len(rows), s), pad, dtype=torch.long)         # [b, s]
+            mask = torch.zeros(len(rows), s, dtype=torch.long)              # [b, s]
+            for j, r in enumerate(rows):
+                tok[j, :len(ids[r])] = torch.tensor(ids[r])
+                mask[j, :len(ids[r])] = 1
+            tok, mask = tok.to(self.device), mask.to(self.device)
             with torch.no_grad():
-                h = self.model(**enc).last_hidden_state                  # [b, s, 384]
-            m = enc["attention_mask"].unsqueeze(-1).float()              # [b, s, 1]
-            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)                # [b, 384]
-            out.append(torch.nn.functional.normalize(e, dim=-1))
-        return torch.cat(out) if out else torch.zeros(0, self.dim)
+                h = self.model(input_ids=tok, attention_mask=mask,
+                               token_type_ids=torch.zeros_like(tok)).last_hidden_state  # [b, s, 384]
+            m = mask.unsqueeze(-1).float()                                  # [b, s, 1]
+            e = (h.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)           # [b, 384]
+            out[rows] = torch.nn.functional.normalize(e, dim=-1).cpu()
+        return out
 
 
 class NgramFeatures:
@@ -253,12 +284,18 @@ class Featurizer:
     ln((1 + N) / (1 + df)) + 1; the head keeps it) and L2-normalises that block.
     """
 
-    def __init__(self, kind: str, *, max_chars: int = 2000) -> None:
+    def __init__(self, kind: str, *, max_chars: int = 2000, batch_size: int | None = None,
+                 device: str | torch.device | None = None) -> None:
         if kind not in FEATURES:
             raise TopicError(f"unknown features {kind!r} (one of {FEATURES})")
         self.kind, self.max_chars = kind, max_chars
-        self.parts = [MiniLMFeatures() if k == "minilm" else NgramFeatures()
-                      for k in kind.split("+")]
+        self.parts = [MiniLMFeatures(batch_size=batch_size, device=device) if k == "minilm"
+                      else NgramFeatures() for k in kind.split("+")]
+
+    @property
+    def precision(self) -> str:
+        """The MiniLM encoder's device and dtype ("" without MiniLM: n-grams are exact)."""
+        return "".join(p.precision for p in self.parts if isinstance(p, MiniLMFeatures))
 
     @property
     def dim(self) -> int:
