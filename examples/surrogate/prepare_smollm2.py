@@ -71,7 +71,7 @@ def main() -> int:
     base = out / "smollm2_megasyne"
     if not base.exists():
         tool("convert_hf.py", "hf-to-megasyne", "--hf-dir", smol, "--output", base, "--no-progress")
-    corpora = {"zh_web": docs("zh_poetry")[:240], "en_web": docs("en_verse"), "en_book": docs("en_drama"),
+    corpora = {"zh_web": docs("zh_poetry")[:60], "en_web": docs("en_verse")[:30], "en_book": docs("en_drama"),
                "science": science()}
     for name, texts in corpora.items():
         train, held = split(texts, 5)
@@ -86,8 +86,10 @@ def main() -> int:
             tool("preprocess_data.py", "--input", raw, "--json-keys", "text", "--tokenizer-model",
                  smol / "tokenizer.json", "--append-eod", "--output-prefix", prefix, "--no-progress")
     for name in ("zh_web", "en_web"):
+        if (data / "train" / f"{name}_text_document.meta" / "ppl.npy").exists():
+            continue  # scored by an earlier run of this script
         tool("score_ppl.py", "--data-prefix", data / "train" / f"{name}_text_document", "--checkpoint", base,
-             "--window", SEQ, "--batch-size", 8, "--state-dir", out / "ppl_state" / name, "--no-progress")
+             "--window", SEQ, "--batch-size", 16, "--state-dir", out / "ppl_state" / name, "--no-progress")
     src = {n: str(data / "train" / f"{n}_text_document") for n in corpora}
     (out / "recipe.yaml").write_text(yaml.safe_dump(dict(
         seq_length=SEQ, seed=1234, on_exhaustion="new_epoch",

@@ -89,8 +89,6 @@ def test_grid_runs_resumes_and_tabulates(tmp_path):
     assert f"**{evals[best]['val']['ppl']:.3f}**" in next(ln for ln in md.splitlines() if ln.startswith(f"| {best} "))
     assert (out / "results.png").stat().st_size > 10_000
 
-    again = _ablate(grid)  # everything done: nothing runs, the table is rewritten
-    assert again.returncode == 0 and again.stdout.count("done, skipped") == 5
     raw = yaml.safe_load(grid.read_text())
     raw["base"]["set"] = {"optim.lr": 1e-3}
     grid.write_text(yaml.safe_dump(raw, sort_keys=False))
