@@ -2,7 +2,7 @@
 
 Columns: ``ppl`` (all held-out tokens), ``ppl <group>`` (e.g. per language), ``ppl <source>``,
 ``<task> acc`` (benchmark accuracy, percent). The best value of each column among the cells
-is bold (lowest perplexity, highest accuracy); the base row is the reference and is not
+is bold (lowest perplexity, highest accuracy; nothing when every cell ties); the base row is the reference and is not
 ranked. Written as ``results.md``, ``results.csv`` and ``results.png`` (the grid's ``plot``:
 metrics against one axis, one line per value of another, the base as a dashed line) in the
 grid's output directory.
@@ -52,7 +52,7 @@ def collect(grid: Grid) -> tuple[list[dict], list[str]]:
 def best(rows: list[dict], column: str) -> float | None:
     got = [r["metrics"].get(column) for r in rows if r["entry"] != BASE]
     got = [v for v in got if v is not None and not math.isnan(v)]
-    if not got:
+    if len(set(got)) < 2:  # nothing to choose between (one value, or every cell tied)
         return None
     return min(got) if lower_is_better(column) else max(got)
 

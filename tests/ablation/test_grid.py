@@ -154,7 +154,7 @@ def test_slurm_script_is_one_array_task_per_entry(tmp_path):
 def _fake_eval(directory: Path, ppl: float, acc: float | None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     val = {"loss": 0.0, "ppl": ppl, "tokens": 1, "groups": {"zh": ppl * 2, "en": ppl / 2},
-           "sources": {"zh_web": ppl * 2}}
+           "sources": {"zh_web": ppl * 2, "en_web": 7.0}}
     (directory / "eval.json").write_text(json.dumps({"val": val, "bench": {"mmlu": acc}}))
     (directory / "done.json").write_text("{}")
 
@@ -174,6 +174,7 @@ def test_table_marks_the_best_cell_per_column(tmp_path):
     assert "**75.0**" in rows["synth20-shuffle"] and "25.0" in rows["synth0-ascending"]  # accuracy: highest
     assert "**" not in rows["base (no training)"] and "90.0" in rows["base (no training)"]
     assert "not done" in rows["synth40-shuffle"]
+    assert all("**" not in rows[c].split(" | ")[7] for c in values)  # ppl en_web: every cell tied
     table = list(csv.DictReader(out["csv"].open()))
     assert [r["cell"] for r in table] == ["base", *(c.name for c in grid.cells())]
     assert float(table[3]["ppl"]) == 10.0 and table[6]["ppl"] == "" and table[6]["done"] == "0"
