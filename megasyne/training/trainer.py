@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megasyne.atomic import atomic_write_json
 from megasyne.checkpoint import dist as ckpt
 from megasyne.checkpoint.async_save import AsyncCheckpointer
 from megasyne.errors import TrainingError
@@ -44,6 +45,9 @@ from megasyne.training.run_plan import plan_run
 from megasyne.training.step import StepResult, gpt_forward_step, train_step
 
 print0 = M.print0
+COMPLETE_MARKER = "complete.json"
+"""In run_dir once a launch has trained to the end of its plan (and saved); removed when a
+launch starts."""
 
 
 class TrainingAborted(TrainingError, RuntimeError):
@@ -253,6 +257,9 @@ class Trainer:
     def train(self) -> dict:
         """Run (or resume) training to the end of the run (or a stop); returns a summary."""
         cfg = self.cfg
+        complete = self.run_dir / COMPLETE_MARKER
+        if self.rank == 0:  # a marker of an earlier launch says nothing of this one's end
+            complete.unlink(missing_ok=True)
         if not self.resume():
             start = self.run_hooks(0, {"step": 0})  # before the first update: curves' origin
             if len(start) > 1:
@@ -273,6 +280,11 @@ class Trainer:
             print0(f"stage {cfg.stop_after_stage} done at step {self.step}; rerun without "
                    f"stop_after_stage (same run_dir) to continue into the next stage")
         self.log.close()
+        if self.step == self.plan.total_steps and self.rank == 0:
+            # Written after the last checkpoint: a launch that exits 0 without it was stopped
+            # (SIGTERM, exit_at_step), which is what drivers of many runs (tools/ablate.py) check.
+            atomic_write_json(complete, {"step": self.step, "checkpoint": str(self.run_dir / "checkpoints"),
+                                         "stop_after_stage": cfg.stop_after_stage})
         return dict(step=self.step, loss=self.last_loss, skipped_steps=self.skipped_steps)
 
     def _loop(self, preempt: Preemption) -> None:

@@ -75,6 +75,8 @@ def test_every_error_class_of_the_package_is_a_megasyne_error():
     ("megasyne.training.run_lock", "RunDirBusy", ConfigError, ValueError),
     ("megasyne.training.metrics", "MetricsError", DataError, ValueError),
     ("megasyne.training.data_state", "DataIdentityError", ConfigError, ValueError),
+    ("megasyne.ablation.grid", "GridError", ConfigError, ValueError),
+    ("megasyne.ablation.runner", "CellFailed", TrainingError, RuntimeError),
 ])
 def test_each_error_has_its_kind_and_keeps_its_standard_base(module, name, kind, std):
     cls = getattr(importlib.import_module(module), name)

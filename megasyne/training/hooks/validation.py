@@ -38,6 +38,22 @@ class Validator:
 
     def measure(self, chunks: list) -> dict:
         """{"loss", "ppl", "<source>/loss", "<source>/ppl", ...} (the same on every rank)."""
+        table = self.sums(chunks)
+        if table is None:
+            return {}
+        sources = list(self.eval_set.source_names)
+        loss = float(table[:, 0].sum() / table[:, 1].sum())
+        out = {"loss": loss, "ppl": math.exp(min(loss, 50))}
+        for (nll_sum, tokens), name in zip(table, sources):
+            if tokens > 0:
+                out[f"{name}/loss"] = float(nll_sum / tokens)
+                out[f"{name}/ppl"] = math.exp(min(nll_sum / tokens, 50))
+        return out
+
+    def sums(self, chunks: list) -> np.ndarray | None:
+        """float64 [source, (summed NLL, scored tokens)] over the held-out samples, in the eval
+        set's source order, reduced over data-parallel ranks (None: too few samples for one
+        micro-batch per rank). Sums, so that sources can be pooled (e.g. per language)."""
         from megatron.core import parallel_state as ps
 
         from megasyne.parallel.init import comm_device
@@ -47,7 +63,7 @@ class Validator:
         dp, mbs = ps.get_data_parallel_world_size(), self.micro_batch_size
         n = min(self.samples, len(self.eval_set)) // (dp * mbs) * dp * mbs
         if n == 0:
-            return {}
+            return None
         if self._rows is None:
             batch = micro_batches(self.eval_set, first_sample=0, per_rank=n // dp,
                                   dp_rank=ps.get_data_parallel_rank(), micro_batch_size=mbs,
@@ -67,14 +83,7 @@ class Validator:
         total = torch.from_numpy(table).to(comm_device())
         if dist.is_initialized():
             dist.all_reduce(total, group=ps.get_data_parallel_group())
-        table = total.cpu().numpy()
-        loss = float(table[:, 0].sum() / table[:, 1].sum())
-        out = {"loss": loss, "ppl": math.exp(min(loss, 50))}
-        for (nll_sum, tokens), name in zip(table, sources):
-            if tokens > 0:
-                out[f"{name}/loss"] = float(nll_sum / tokens)
-                out[f"{name}/ppl"] = math.exp(min(nll_sum / tokens, 50))
-        return out
+        return total.cpu().numpy()
 
 
 class ValidationHook(Hook):
