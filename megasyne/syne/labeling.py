@@ -23,10 +23,10 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from megasyne.atomic import atomic_write_json
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
 from megasyne.errors import MegasyneError
@@ -229,10 +229,7 @@ def _publish(cfg: LabelConfig, ds: IndexedDataset, store: BlockStore, clf: Topic
               "mean_confidence": float(arrays["confidence"].mean()) if ds.num_documents else None,
               "seconds": round(seconds, 3), "label_seconds": round(label_s, 3),
               "docs_per_s": round(labelled[1] / label_s, 2) if label_s > 0 else None}
-    path = Path(f"{cfg.prefix}.{cfg.field}.report.json")
-    tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(f"{cfg.prefix}.{cfg.field}.report.json", report, indent=2)
     store.remove()
     return report
 

@@ -24,16 +24,15 @@ the state directory must be on a filesystem every rank sees (rank 0 assembles th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
+from megasyne.atomic import atomic_write_json
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
 from megasyne.errors import RecipeToolError
@@ -186,10 +185,7 @@ def _publish(cfg: ScoreConfig, scorer, store: BlockStore, ds: IndexedDataset, ow
         "seconds": round(seconds, 3),
         "docs_per_s_rank0": round(own_docs / seconds, 3) if seconds > 0 else None,
     }
-    path = Path(f"{cfg.prefix}.{cfg.field}.report.json")
-    tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(f"{cfg.prefix}.{cfg.field}.report.json", report, indent=2)
     store.remove()
     return report
 
