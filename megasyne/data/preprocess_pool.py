@@ -72,6 +72,11 @@ def _worker_main(init, work, spec, tasks, results) -> None:
             results.send((n, True, work(payload)))
     except (EOFError, BrokenPipeError):  # the main process is gone or stopped us
         return
+    except DataError as exc:  # bad input found by the worker (a damaged file): raised as it is
+        try:
+            results.send((n, False, exc))
+        except OSError:
+            pass
     except BaseException:
         try:
             results.send((n, False, traceback.format_exc()))
@@ -165,6 +170,8 @@ class WorkerPool:
         except (EOFError, OSError):
             self._died(k)
         if not ok:
+            if isinstance(value, DataError):
+                raise value
             raise WorkerFailed(f"worker process {self._procs[k].pid} failed:\n{value}")
         self._outstanding[self._owner.pop(n)] -= 1
         self._done[n] = value
