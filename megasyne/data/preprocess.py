@@ -14,8 +14,11 @@ Pipeline (memory bounded, independent of corpus size)::
         -> workers (processes, each with its own tokenizer; megasyne.data.preprocess_pool):
            JSON parse + encode -> per key: flat token array + lengths [records] (0 = empty or bad)
         -> main, strictly in submission order: bad-record policy, then writer.add_documents
-    At most 4 x workers tasks are in flight: ``Pool.imap`` (Megatron's choice) has no such bound,
-    its feeder thread reads the whole input ahead of slow workers.
+    In flight: at most 16 MiB of input per worker (a Parquet task counts as 4 MiB), so memory
+    stays bounded (``Pool.imap``, Megatron's choice, has no bound: its feeder thread reads the
+    whole input ahead of slow workers) while a worker that the OS deschedules for a while does
+    not stall the others: results are taken in order, and with a handful of small tasks in
+    flight the other workers would run dry waiting for the late one.
 
 Outputs are complete or absent. Everything is written under a staging directory beside the
 outputs; only when every dataset of the run is complete (``.bin``, ``.idx``, sidecar, report) are
@@ -86,6 +89,8 @@ from megasyne.data.tokenizers import load_tokenizer
 from megasyne.errors import DataError
 
 _MAX_BAD_EXAMPLES = 20
+_INFLIGHT_BYTES = 16 << 20  # input bytes in flight per worker
+_PARQUET_TASK_BYTES = 4 << 20
 _META_CHUNK = 1 << 16
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -374,7 +379,8 @@ class _MetaColumn:
 # ---------------------------------------------------------------------------------------------
 # Tokenising: batches through the workers, in input order
 def _results(cfg: PreprocessConfig, spec: dict, tok, todo, files: list[str]):
-    """(file index, line numbers, encoded task) in input order, at most 4 x workers in flight."""
+    """(file index, line numbers, encoded task) in input order (for what is in flight: see the
+    module's docstring)."""
     _W.update(spec, tok=tok)  # forked workers inherit it (see _init_worker)
     try:
         if cfg.workers == 1:
@@ -393,10 +399,13 @@ def _results(cfg: PreprocessConfig, spec: dict, tok, todo, files: list[str]):
             with WorkerPool(cfg.workers, _init_worker, _encode_task, spec,
                             start_method=method) as pool:
                 inflight: deque = deque()  # (task number, file index, line numbers, task)
+                budget, held = _INFLIGHT_BYTES * cfg.workers, 0
                 for n, (fi, nums, task) in enumerate(todo):
                     pool.submit(n, task)
                     inflight.append((n, fi, nums, task))
-                    if len(inflight) >= 4 * cfg.workers:
+                    held += _task_bytes(task)
+                    while held >= budget:
+                        held -= _task_bytes(inflight[0][3])
                         yield _collect(cfg, pool, inflight, files)
                 while inflight:
                     yield _collect(cfg, pool, inflight, files)
@@ -405,6 +414,15 @@ def _results(cfg: PreprocessConfig, spec: dict, tok, todo, files: list[str]):
     finally:
         _W.clear()
         _close_fds()
+
+
+def _task_bytes(task) -> int:
+    """Input bytes a task holds (a Parquet row's size is not known: counted as 4 MiB)."""
+    if isinstance(task, LineRange):
+        return task.end - task.start
+    if task and isinstance(task[0], bytes):
+        return sum(map(len, task))
+    return _PARQUET_TASK_BYTES
 
 
 def _close_fds() -> None:

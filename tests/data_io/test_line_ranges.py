@@ -152,3 +152,39 @@ def test_a_range_task_reads_its_lines_in_the_worker(tmp_path, monkeypatch):
     assert [whole_line(r) for r in range(3)] == [b'{"text": "a"}\n', b'{"text": "b"}\r\n',
                                                  b'{"text": "c"']
     preprocess._close_fds()
+
+
+def test_input_in_flight_is_bounded_by_bytes(tmp_path, corpus, hf_tokenizer_path, monkeypatch):
+    """At most the byte budget (plus the task that crossed it) is submitted and not yet taken."""
+    held, peak = {}, []
+
+    class CountingPool:  # runs each task when its result is asked for, in this process
+        def __init__(self, workers, init, work, spec, start_method=None):
+            init(spec)
+            self.work, self.tasks = work, {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def submit(self, n, task):
+            self.tasks[n] = task
+            held[n] = preprocess._task_bytes(task)
+            peak.append(sum(held.values()))
+
+        def result(self, n):
+            del held[n]
+            return self.work(self.tasks.pop(n))
+
+    monkeypatch.setattr(preprocess, "WorkerPool", CountingPool)
+    monkeypatch.setattr(preprocess, "_INFLIGHT_BYTES", 2000)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus * 3))
+    cfg = PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / "o" / "c"),
+                           tokenizer=hf_tokenizer_path, workers=2, batch_size=5,
+                           progress=False, log_interval=0)
+    assert run_preprocess(cfg)["text"]["docs"] == 3 * len(corpus)
+    biggest = max(e - s for _, s, e in line_ranges(str(src), 5))
+    assert 4000 - biggest <= max(peak) < 4000 + biggest  # the budget is used, and never exceeded
