@@ -43,6 +43,11 @@ import torch.distributed as dist
 
 from megasyne import megatron_patches
 from megasyne.atomic import atomic_write_text
+from megasyne.checkpoint.dist_opt_layout import (
+    STATE_LAYOUT,
+    STATE_LAYOUT_KEY,
+    check_optimizer_state_layout,
+)
 from megasyne.checkpoint.integrity import digest_checkpoint, verify_checkpoint_files
 from megasyne.checkpoint.sharding import unwrap
 from megasyne.errors import CheckpointError  # (also imported from here by its callers)
@@ -185,9 +190,13 @@ def prepare_save(root: Path, tmp: Path, chunks: list, optimizer) -> dict:
 
 def manifest_fields(iteration: int, model_config: dict, layout: dict, optimizer,
                     extra: dict | None) -> dict:
-    """The manifest's entries other than the file checksums."""
-    return dict(format=FORMAT, iteration=iteration, model=model_config, layout=layout,
-                has_optimizer=optimizer is not None, extra=extra or {})
+    """The manifest's entries other than the file checksums (with optimizer state: how its
+    distributed-optimizer part is laid out, which loads of older checkpoints check)."""
+    fields = dict(format=FORMAT, iteration=iteration, model=model_config, layout=layout,
+                  has_optimizer=optimizer is not None, extra=extra or {})
+    if optimizer is not None:
+        fields[STATE_LAYOUT_KEY] = STATE_LAYOUT
+    return fields
 
 
 def publish(root: Path, final: Path, tmp: Path, fields: dict, *, keep_last: int | None) -> None:
@@ -351,6 +360,8 @@ def load_checkpoint(path: str | os.PathLike, chunks: list, *, optimizer=None,
     if optimizer is not None and not manifest["has_optimizer"]:
         raise CheckpointError(f"{ckpt} holds no optimizer state (a converted or weights-only "
                               f"checkpoint): load it as initial weights, not as a resume point")
+    if optimizer is not None:
+        check_optimizer_state_layout(manifest, chunks, ckpt)
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         _materialise_torch_adam_state(optimizer)
