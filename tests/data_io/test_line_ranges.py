@@ -1,14 +1,16 @@
-"""Plain JSONL files are read by byte ranges in the workers: same lines, numbers and verdicts.
+"""JSONL is cut into pieces of whole lines without per-line work in the main process.
 
-A plain file is cut into ranges of whole lines by the main process and each worker reads and
-parses its own ranges; compressed files still go line by line through the main process. The
-oracles are a per-line reference of the cutting rule and the gzip path, which reads the same
-bytes line by line.
+A plain file is cut into byte ranges that each worker reads itself; a compressed one is
+decompressed in the main process and sent as blocks of lines. The workers split and parse the
+lines. The oracles: a per-line reference of the cutting rule, and a line-by-line json.loads
+reference of the documents, counts, bad lines, their numbers and messages.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import io
 import json
 import random
 
@@ -16,7 +18,9 @@ import pytest
 
 from megasyne.data import corpus_reader, preprocess
 from megasyne.data.corpus_reader import LineRange, line_ranges, read_line_range
+from megasyne.data.indexed_dataset import IndexedDataset
 from megasyne.data.preprocess import PreprocessConfig, PreprocessError, run_preprocess
+from megasyne.data.tokenizers import load_tokenizer
 
 
 def per_line_ranges(data: bytes, batch_lines: int, batch_bytes: int) -> list[tuple]:
@@ -44,6 +48,11 @@ def test_line_ranges_match_the_per_line_rule(tmp_path, monkeypatch):
         monkeypatch.setattr(corpus_reader, "_READ_BLOCK", rng.choice([1, 2, 7, 64, 1 << 22]))
         got = list(line_ranges(str(path), batch_lines, batch_bytes))
         assert got == per_line_ranges(data, batch_lines, batch_bytes), (trial, data)
+        # A compressed file's pieces carry their bytes, also across read blocks.
+        stream = io.BytesIO(data)
+        pieces = list(corpus_reader._cut_lines(stream.read, batch_lines, batch_bytes, keep=True))
+        assert [(f, s, e) for f, s, e, _ in pieces] == got
+        assert all(d == data[s:e] for _, s, e, d in pieces), (trial, data)
         # The ranges tile the file, and their lines are the file's lines.
         fds: dict = {}
         read = [line for _, s, e in got for line in read_line_range(str(path), s, e, fds)[0]]
@@ -77,41 +86,58 @@ def _corpus_lines(texts: list[str]) -> list[str]:
     return out
 
 
+def line_by_line(data: bytes, name: str, tok) -> dict:
+    """The report's counts and bad lines, and the documents, reading ``data`` one line at a
+    time with json.loads: the reference the byte-range and block paths must equal."""
+    blank, bad, docs, empty = 0, [], [], 0
+    for n, line in enumerate(io.BytesIO(data), 1):  # lines keep their newline, as in a file
+        if line.isspace():
+            blank += 1
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append(f"{name}:{n}: invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if "text" not in rec:
+            bad.append(f"{name}:{n}: missing key 'text' (has: {sorted(rec)[:10]})")
+            continue
+        ids = tok.encode(rec["text"])
+        if ids:
+            docs.append(ids + [tok.eod_id])
+        else:
+            empty += 1
+    return dict(blank_lines=blank, bad_examples=bad, skipped=len(bad), empty=empty,
+                docs=len(docs), tokens=sum(map(len, docs))), docs
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("trailing_newline", [True, False])
-def test_plain_file_equals_the_line_by_line_path(tmp_path, corpus, hf_tokenizer_path, workers,
-                                                 trailing_newline):
-    """Same dataset and the same report (counts, bad lines and their numbers and messages) as the
-    same bytes gzipped, which the main process reads line by line."""
+def test_every_path_equals_reading_line_by_line(tmp_path, corpus, hf_tokenizer_path, workers,
+                                                trailing_newline, monkeypatch):
+    """Plain (byte ranges), gzip and bzip2 (decompressed blocks): the documents, counts, bad
+    lines with their numbers and messages of a line-by-line json.loads reference."""
     text = "".join(_corpus_lines(corpus))
     if not trailing_newline:
         text += '{"text": "last line, unterminated'  # bad, and its message must not change
     data = text.encode()
-    plain, gz = tmp_path / "in.jsonl", tmp_path / "in.jsonl.gz"
-    plain.write_bytes(data)
-    gz.write_bytes(gzip.compress(data))
-    reports = {}
-    for name, src in (("plain", plain), ("gz", gz)):
-        cfg = PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / name / "c"),
+    monkeypatch.setattr(corpus_reader, "_READ_BLOCK", 4096)  # pieces span read blocks
+    tok = load_tokenizer(hf_tokenizer_path)
+    for name, raw in (("in.jsonl", data), ("in.jsonl.gz", gzip.compress(data)),
+                      ("in.jsonl.bz2", bz2.compress(data))):
+        src = tmp_path / name
+        src.write_bytes(raw)
+        cfg = PreprocessConfig(inputs=[str(src)], output_prefix=str(tmp_path / f"out_{name}" / "c"),
                                tokenizer=hf_tokenizer_path, append_eod=True, workers=workers,
                                batch_size=13, skip_bad_lines=True, progress=False, log_interval=0)
-        reports[name] = run_preprocess(cfg)["text"]
-    for key in ("docs", "tokens", "skipped", "empty", "blank_lines", "bad_examples",
-                "idx_fingerprint"):
-        got, want = reports["plain"][key], reports["gz"][key]
-        if key == "bad_examples":
-            got = [g.replace("in.jsonl:", "X:") for g in got]
-            want = [w.replace("in.jsonl.gz:", "X:") for w in want]
-        assert got == want, key
-    bad = reports["plain"]["bad_examples"]
-    assert 5 < reports["plain"]["skipped"] == len(bad) < 20  # every bad line is listed
-    assert reports["plain"]["blank_lines"] > 5
+        report = run_preprocess(cfg)["text"]
+        want, docs = line_by_line(data, str(src), tok)
+        assert {k: report[k] for k in want} == want, name
+        ds = IndexedDataset(str(tmp_path / f"out_{name}" / "c_text_document"))
+        assert [ds[i].tolist() for i in range(len(ds))] == docs, name
+    assert 5 < want["skipped"] < 20 and want["blank_lines"] > 5  # every bad line is listed
     if not trailing_newline:
-        n_lines = text.count("\n") + 1
-        assert bad[-1].startswith(f"{plain}:{n_lines}: invalid JSON (Unterminated string"), bad
-    for ext in (".bin", ".idx"):
-        assert (tmp_path / "plain" / f"c_text_document{ext}").read_bytes() == \
-            (tmp_path / "gz" / f"c_text_document{ext}").read_bytes()
+        assert "Unterminated string" in want["bad_examples"][-1]
 
 
 FAST_PATH_LINES = [
