@@ -20,6 +20,8 @@ import json
 import os
 import re
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,4 +126,38 @@ class BlockStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-__all__ = ["BlockStateError", "BlockStore"]
+class KillAfterBlocks:
+    """The hidden testing hook ``--debug-kill-after-blocks K`` of score_ppl and label_topics: a
+    crash at a known point, the same on any number of ranks.
+
+    Each rank calls :meth:`block_done` after each block it finishes; at the K-th, it waits at
+    ``barrier`` (every rank of the job) and then SIGKILLs itself, so no clean-up of any kind
+    runs. The barrier makes the blocks on disk exactly K per worker: a rank killed on its own
+    would make torchrun stop the others at a random point, some of them mid-block. Every worker
+    must reach its K-th block, or the others would wait at the barrier while it waits at its
+    next collective; so a run where a worker has fewer than K pending blocks is refused up front
+    (``error``: the tool's own error class). ``pending`` must be the same number on every rank
+    (listed before any rank saves), so that every rank refuses or none does.
+    """
+
+    def __init__(self, blocks: int | None, *, pending: int, workers: int,
+                 barrier: Callable[[], None], error: type[Exception]) -> None:
+        self.blocks, self._barrier = blocks, barrier
+        if blocks is None:
+            return
+        if blocks < 1:
+            raise error(f"--debug-kill-after-blocks must be >= 1, got {blocks}")
+        fewest = pending // workers  # blocks are dealt round-robin: the last workers get fewest
+        if fewest < blocks:
+            raise error(f"--debug-kill-after-blocks {blocks}: some of the {workers} workers (DP "
+                        f"replicas) has only {fewest} of the {pending} pending blocks; pass at "
+                        "most that many, or a smaller --block-size, or fewer ranks")
+
+    def block_done(self, done: int) -> None:
+        """``done``: blocks this rank has finished in this run (1 after its first)."""
+        if done == self.blocks:
+            self._barrier()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+__all__ = ["BlockStateError", "BlockStore", "KillAfterBlocks"]

@@ -30,8 +30,15 @@ from megasyne.checkpoint.hf_convert import hf_to_megasyne
 from megasyne.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from megasyne.data.metadata import list_metadata_fields, read_metadata_field
 from megasyne.scorers import MegatronScorer
-from megasyne.syne.blocks import BlockStateError, BlockStore
-from megasyne.syne.ppl import ScoreConfig, document_tokens, plan_windows, reference_perplexity, run_score
+from megasyne.syne.blocks import BlockStateError, BlockStore, KillAfterBlocks
+from megasyne.syne.ppl import (
+    ScoreConfig,
+    ScoreError,
+    document_tokens,
+    plan_windows,
+    reference_perplexity,
+    run_score,
+)
 from tests.launch import REPO_ROOT, run_torchrun
 
 WINDOW, STRIDE = 48, 32
@@ -216,6 +223,33 @@ def test_prepend_id_scores_the_first_token(work):
     ref = reference_perplexity(work["hf_model"], np.concatenate([[299], document_tokens(ds, 5)]),
                                WINDOW, STRIDE)
     assert got[5] == pytest.approx(ref, rel=1e-5)
+
+
+def test_kill_after_more_blocks_than_pending_is_refused(work):
+    """3 blocks of 10 documents: a kill after the 4th block could never happen; the run is refused
+    before it scores anything (on several ranks a short replica would hang the job)."""
+    from megasyne.scorers import HFScorer
+
+    cfg = ScoreConfig(prefix=work["prefix"], field="ppl_refused", window=WINDOW, stride=STRIDE,
+                      batch_size=4, block_size=10, progress=False, kill_after_blocks=4)
+    with pytest.raises(ScoreError, match=r"--debug-kill-after-blocks 4: .* only 3 of the 3 pending"):
+        run_score(cfg, HFScorer.from_dir(work["root"] / "hf"))
+    assert os.listdir(cfg.state_path) == ["run.json"]  # nothing scored
+    assert "ppl_refused" not in list_metadata_fields(work["prefix"])
+
+
+def test_kill_hook_refuses_a_replica_short_of_blocks():
+    """5 pending blocks dealt to 2 DP replicas: replica 1 gets 2 (blocks 1 and 3), so a kill after
+    3 blocks is refused although replica 0 has 3; after 2 it is armed and fires at the 2nd only."""
+    barriers = []
+    with pytest.raises(ScoreError, match=r"2 workers .* only 2 of the 5 pending"):
+        KillAfterBlocks(3, pending=5, workers=2, barrier=lambda: barriers.append(1), error=ScoreError)
+    with pytest.raises(ScoreError, match=">= 1"):
+        KillAfterBlocks(0, pending=5, workers=2, barrier=lambda: barriers.append(1), error=ScoreError)
+    kill = KillAfterBlocks(2, pending=5, workers=2, barrier=lambda: barriers.append(1),
+                           error=ScoreError)
+    kill.block_done(1)  # not yet: no barrier, no SIGKILL (this test process lives on)
+    assert barriers == []
 
 
 def test_state_of_another_configuration_is_refused(tmp_path):
