@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
 from megasyne.errors import MegasyneError
 from megasyne.jsonl import read_jsonl
-from megasyne.syne.blocks import BlockStore
+from megasyne.syne.blocks import BlockStore, KillAfterBlocks
 from megasyne.syne.ppl import document_tokens
 from megasyne.syne.topics import (
     Featurizer,
@@ -80,7 +79,9 @@ class LabelConfig:
     progress: bool = True
     """tqdm bar (rank 0)."""
     kill_after_blocks: int | None = None
-    """Tests only: SIGKILL this process after saving that many blocks (a crash at a known point)."""
+    """Tests only: a crash at a known point. Every rank SIGKILLs itself once every rank has
+    labelled that many blocks, so exactly that many blocks per rank are on disk (refused when a
+    rank has fewer pending blocks; see megasyne.syne.blocks.KillAfterBlocks)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.block_size < 1:
@@ -183,8 +184,11 @@ def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer
     ds = IndexedDataset(cfg.prefix)
     store = _open_store(cfg, ds, clf, featurizer, tokenizer, rank)
     resumed = sorted(store.done_blocks())
-    mine = store.pending(rank, world)
+    todo = store.pending()
+    mine = todo[rank::world]
     _barrier()  # every rank has listed the pending blocks before anyone saves
+    kill = KillAfterBlocks(cfg.kill_after_blocks, pending=len(todo), workers=world,
+                           barrier=_barrier, error=TopicError)
     t1 = time.time()
     my_docs = sum(store.block_range(b)[1] - store.block_range(b)[0] for b in mine)
     bar = tqdm(total=my_docs, unit="doc", desc=f"label_topics {cfg.field} (rank 0 of {world})",
@@ -194,8 +198,7 @@ def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer
         idx, conf = label_block(ds, start, stop, clf, featurizer, tokenizer, cfg.max_tokens)
         store.save(b, topic=idx, confidence=conf)
         bar.update(stop - start)
-        if cfg.kill_after_blocks is not None and k >= cfg.kill_after_blocks:
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill.block_done(k)
     bar.close()
     labelled = _sum_over_ranks(len(mine), my_docs)  # also the barrier after the last save
     label_s = time.time() - t1
