@@ -151,7 +151,9 @@ def _open_store(cfg: LabelConfig, ds: IndexedDataset, clf: TopicClassifier, feat
     run_config = {"field": cfg.field, "idx_fingerprint": idx_fingerprint(cfg.prefix),
                   "topics": clf.topics, "head": clf.info, "features": clf.features,
                   "weight_sum": float(clf.weight.double().sum()),
-                  "tokenizer": getattr(tokenizer, "path", ""), "max_tokens": cfg.max_tokens,
+                  # the file's content, not its path: the same tokenizer named by another path
+                  # (a relative one, another cwd) may resume, another file at that path may not
+                  "tokenizer_sha256": tokenizer.sha256, "max_tokens": cfg.max_tokens,
                   "encoder": featurizer.precision}
     store_args = dict(config=run_config, num_items=ds.num_documents, block_size=cfg.block_size)
     error = None

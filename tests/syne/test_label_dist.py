@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ import torch
 
 from megasyne.data.indexed_dataset import IndexedDatasetWriter
 from megasyne.data.metadata import list_metadata_fields, meta_dir, read_metadata_field
-from megasyne.syne.blocks import BlockStore
+from megasyne.syne.blocks import BlockStateError, BlockStore
 from megasyne.syne.labeling import LabelConfig, label_dataset, predict_texts
 from megasyne.syne.topics import (
     Featurizer,
@@ -103,14 +104,14 @@ def work(tmp_path_factory):
                 state5=state5)
 
 
-def _label_here(work, field: str, **options) -> dict:
+def _label_here(work, field: str, tokenizer, **options) -> dict:
     """label_dataset in the test process, with the tool's options of the fixture's runs."""
     from megasyne.data.tokenizers import load_tokenizer
 
     cfg = LabelConfig(prefix=work["prefix"], field=field, block_size=BLOCK, max_tokens=256,
                       progress=False, **options)
     return label_dataset(cfg, TopicClassifier.load(work["root"] / "head"), work["feat"],
-                         load_tokenizer(str(work["root"] / "tok.json")))
+                         load_tokenizer(str(tokenizer)))
 
 
 def _report(work, run: int) -> dict:
@@ -146,14 +147,16 @@ def test_killed_run_resumes_on_two_ranks(work):
 
 
 @pytest.mark.distributed
-def test_job_killed_on_two_ranks_leaves_two_blocks_each_and_resumes(work):
+def test_job_killed_on_two_ranks_leaves_two_blocks_each_and_resumes(work, tmp_path):
     """Both ranks are SIGKILLed only once each has saved its 2nd block (the barrier of
     KillAfterBlocks): blocks 0-3 on disk whatever the ranks' speeds, no field published."""
     assert work["crash"].returncode != 0 and "SIGKILL" in work["crash"].stderr, \
         work["crash"].stderr[-3000:]
     assert work["state5"] == [f"block_{b:08d}.npz" for b in range(4)] + ["run.json"]
     assert "t5" not in list_metadata_fields(work["prefix"])
-    report = _label_here(work, "t5", confidence_field="t5c")
+    # the same tokenizer file under another path: the blocks are keyed by its content
+    shutil.copy(work["root"] / "tok.json", tmp_path / "tok.json")
+    report = _label_here(work, "t5", tmp_path / "tok.json", confidence_field="t5c")
     assert (report["blocks_resumed"], report["blocks_labelled"]) == (4, 3)
     assert _field_bytes(work["prefix"], "t1") == _field_bytes(work["prefix"], "t5")
     np.testing.assert_allclose(read_metadata_field(work["prefix"], "t5c"),
@@ -164,9 +167,25 @@ def test_kill_after_more_blocks_than_pending_is_refused(work):
     """7 blocks: killing after the 8th can never happen (on 2 ranks a rank that ran out of blocks
     would wait at the final collective while the others wait at the kill's barrier)."""
     with pytest.raises(TopicError, match=r"--debug-kill-after-blocks 8: .* only 7 of the 7 pending"):
-        _label_here(work, "t6", kill_after_blocks=8)
+        _label_here(work, "t6", work["root"] / "tok.json", kill_after_blocks=8)
     assert os.listdir(meta_dir(work["prefix"]) + "/.t6.partial") == ["run.json"]  # nothing labelled
     assert "t6" not in list_metadata_fields(work["prefix"])
+
+
+def test_another_tokenizer_at_the_same_path_is_refused(work, tmp_path):
+    """A run stopped before its first block (the refused kill above) leaves its run.json; a
+    resume that decodes with another tokenizer file, at the very same path, must not reuse it."""
+    from tokenizers import Tokenizer
+
+    path = tmp_path / "tok.json"
+    shutil.copy(work["root"] / "tok.json", path)
+    with pytest.raises(TopicError, match="--debug-kill-after-blocks"):
+        _label_here(work, "t7", path, kill_after_blocks=8)
+    other = Tokenizer.from_file(str(path))
+    other.add_special_tokens(["<other>"])
+    other.save(str(path))
+    with pytest.raises(BlockStateError, match=r"tokenizer_sha256.*--restart"):
+        _label_here(work, "t7", path)
 
 
 @pytest.mark.distributed
