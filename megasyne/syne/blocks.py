@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from megasyne.atomic import atomic_write
-from megasyne.errors import RecipeToolError
+from megasyne.errors import MegasyneError, RecipeToolError
 
 FORMAT = "megasyne-blocks/1"
 _BLOCK_RE = re.compile(r"^block_(\d{8})\.npz$")
@@ -126,6 +126,30 @@ class BlockStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def open_on_every_rank(state_dir: str | os.PathLike, *, rank: int, restart: bool = False,
+                       **store_args) -> BlockStore:
+    """Every rank's BlockStore of one run: rank 0 creates the state directory (with ``restart``,
+    clears it first), then every rank opens it. Rank 0's refusal (a directory left by a run with
+    another configuration, a damaged run.json) is raised on every rank: the others would
+    otherwise wait at their next collective until a timeout, or torchrun stopped them. Every
+    rank of the job must call it (under torch.distributed: every rank of the default group)."""
+    import torch.distributed as dist
+
+    error = None
+    if rank == 0:
+        try:
+            BlockStore(state_dir, restart=restart, **store_args)
+        except MegasyneError as exc:
+            error = exc
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)  # also: no rank opens before rank 0 created
+        error = box[0]
+    if error is not None:
+        raise error
+    return BlockStore(state_dir, create=False, **store_args)
+
+
 class KillAfterBlocks:
     """The hidden testing hook ``--debug-kill-after-blocks K`` of score_ppl and label_topics: a
     crash at a known point, the same on any number of ranks.
@@ -160,4 +184,4 @@ class KillAfterBlocks:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-__all__ = ["BlockStateError", "BlockStore", "KillAfterBlocks"]
+__all__ = ["BlockStateError", "BlockStore", "KillAfterBlocks", "open_on_every_rank"]

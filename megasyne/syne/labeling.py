@@ -28,9 +28,8 @@ import numpy as np
 from megasyne.atomic import atomic_write_json
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
-from megasyne.errors import MegasyneError
 from megasyne.jsonl import read_jsonl
-from megasyne.syne.blocks import BlockStore, KillAfterBlocks
+from megasyne.syne.blocks import BlockStore, KillAfterBlocks, open_on_every_rank
 from megasyne.syne.ppl import document_tokens
 from megasyne.syne.topics import (
     Featurizer,
@@ -131,21 +130,6 @@ def _sum_over_ranks(*values: int) -> list[int]:
     return t.tolist()
 
 
-def _raise_everywhere(error: MegasyneError | None, rank: int) -> None:
-    """Rank 0's error (a refused state directory) raised on every rank, instead of the other
-    ranks waiting at a barrier until the collective timeout."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if error is not None:
-            raise error
-        return
-    box = [error if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise box[0]
-
-
 def _open_store(cfg: LabelConfig, ds: IndexedDataset, clf: TopicClassifier, featurizer: Featurizer,
                 tokenizer, rank: int) -> BlockStore:
     run_config = {"field": cfg.field, "idx_fingerprint": idx_fingerprint(cfg.prefix),
@@ -155,15 +139,8 @@ def _open_store(cfg: LabelConfig, ds: IndexedDataset, clf: TopicClassifier, feat
                   # (a relative one, another cwd) may resume, another file at that path may not
                   "tokenizer_sha256": tokenizer.sha256, "max_tokens": cfg.max_tokens,
                   "encoder": featurizer.precision}
-    store_args = dict(config=run_config, num_items=ds.num_documents, block_size=cfg.block_size)
-    error = None
-    if rank == 0:
-        try:
-            BlockStore(cfg.state_path, restart=cfg.restart, **store_args)
-        except MegasyneError as exc:
-            error = exc
-    _raise_everywhere(error, rank)
-    return BlockStore(cfg.state_path, create=False, **store_args)
+    return open_on_every_rank(cfg.state_path, rank=rank, restart=cfg.restart, config=run_config,
+                              num_items=ds.num_documents, block_size=cfg.block_size)
 
 
 def label_block(ds: IndexedDataset, start: int, stop: int, clf: TopicClassifier,

@@ -35,7 +35,7 @@ from megasyne.atomic import atomic_write_json
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
 from megasyne.errors import RecipeToolError
-from megasyne.syne.blocks import BlockStore, KillAfterBlocks
+from megasyne.syne.blocks import BlockStore, KillAfterBlocks, open_on_every_rank
 
 
 class ScoreError(RecipeToolError, ValueError):
@@ -194,11 +194,8 @@ def run_score(cfg: ScoreConfig, scorer) -> dict | None:
                   "model": scorer.identity, "window": cfg.window, "stride": cfg.stride,
                   "prepend_id": cfg.prepend_id, "dtype": scorer.dtype,
                   "vocab_size": scorer.vocab_size}
-    store_args = dict(config=run_config, num_items=ds.num_documents, block_size=cfg.block_size)
-    if rank == 0:
-        BlockStore(cfg.state_path, restart=cfg.restart, **store_args)
-    scorer.barrier()
-    store = BlockStore(cfg.state_path, create=False, **store_args)
+    store = open_on_every_rank(cfg.state_path, rank=rank, restart=cfg.restart, config=run_config,
+                               num_items=ds.num_documents, block_size=cfg.block_size)
     resumed = len(store.done_blocks())
     todo = store.pending()
     mine = todo[scorer.dp_rank::scorer.dp_size]
