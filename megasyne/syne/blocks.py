@@ -20,12 +20,14 @@ import json
 import os
 import re
 import shutil
+import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from megasyne.atomic import atomic_write
-from megasyne.errors import RecipeToolError
+from megasyne.errors import MegasyneError, RecipeToolError
 
 FORMAT = "megasyne-blocks/1"
 _BLOCK_RE = re.compile(r"^block_(\d{8})\.npz$")
@@ -124,4 +126,62 @@ class BlockStore:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-__all__ = ["BlockStateError", "BlockStore"]
+def open_on_every_rank(state_dir: str | os.PathLike, *, rank: int, restart: bool = False,
+                       **store_args) -> BlockStore:
+    """Every rank's BlockStore of one run: rank 0 creates the state directory (with ``restart``,
+    clears it first), then every rank opens it. Rank 0's refusal (a directory left by a run with
+    another configuration, a damaged run.json) is raised on every rank: the others would
+    otherwise wait at their next collective until a timeout, or torchrun stopped them. Every
+    rank of the job must call it (under torch.distributed: every rank of the default group)."""
+    import torch.distributed as dist
+
+    error = None
+    if rank == 0:
+        try:
+            BlockStore(state_dir, restart=restart, **store_args)
+        except MegasyneError as exc:
+            error = exc
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)  # also: no rank opens before rank 0 created
+        error = box[0]
+    if error is not None:
+        raise error
+    return BlockStore(state_dir, create=False, **store_args)
+
+
+class KillAfterBlocks:
+    """The hidden testing hook ``--debug-kill-after-blocks K`` of score_ppl and label_topics: a
+    crash at a known point, the same on any number of ranks.
+
+    Each rank calls :meth:`block_done` after each block it finishes; at the K-th, it waits at
+    ``barrier`` (every rank of the job) and then SIGKILLs itself, so no clean-up of any kind
+    runs. The barrier makes the blocks on disk exactly K per worker: a rank killed on its own
+    would make torchrun stop the others at a random point, some of them mid-block. Every worker
+    must reach its K-th block, or the others would wait at the barrier while it waits at its
+    next collective; so a run where a worker has fewer than K pending blocks is refused up front
+    (``error``: the tool's own error class). ``pending`` must be the same number on every rank
+    (listed before any rank saves), so that every rank refuses or none does.
+    """
+
+    def __init__(self, blocks: int | None, *, pending: int, workers: int,
+                 barrier: Callable[[], None], error: type[Exception]) -> None:
+        self.blocks, self._barrier = blocks, barrier
+        if blocks is None:
+            return
+        if blocks < 1:
+            raise error(f"--debug-kill-after-blocks must be >= 1, got {blocks}")
+        fewest = pending // workers  # blocks are dealt round-robin: the last workers get fewest
+        if fewest < blocks:
+            raise error(f"--debug-kill-after-blocks {blocks}: some of the {workers} workers (DP "
+                        f"replicas) has only {fewest} of the {pending} pending blocks; pass at "
+                        "most that many, or a smaller --block-size, or fewer ranks")
+
+    def block_done(self, done: int) -> None:
+        """``done``: blocks this rank has finished in this run (1 after its first)."""
+        if done == self.blocks:
+            self._barrier()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+__all__ = ["BlockStateError", "BlockStore", "KillAfterBlocks", "open_on_every_rank"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -29,9 +28,8 @@ import numpy as np
 from megasyne.atomic import atomic_write_json
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
-from megasyne.errors import MegasyneError
 from megasyne.jsonl import read_jsonl
-from megasyne.syne.blocks import BlockStore
+from megasyne.syne.blocks import BlockStore, KillAfterBlocks, open_on_every_rank
 from megasyne.syne.ppl import document_tokens
 from megasyne.syne.topics import (
     Featurizer,
@@ -80,7 +78,9 @@ class LabelConfig:
     progress: bool = True
     """tqdm bar (rank 0)."""
     kill_after_blocks: int | None = None
-    """Tests only: SIGKILL this process after saving that many blocks (a crash at a known point)."""
+    """Tests only: a crash at a known point. Every rank SIGKILLs itself once every rank has
+    labelled that many blocks, so exactly that many blocks per rank are on disk (refused when a
+    rank has fewer pending blocks; see megasyne.syne.blocks.KillAfterBlocks)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.block_size < 1:
@@ -130,37 +130,17 @@ def _sum_over_ranks(*values: int) -> list[int]:
     return t.tolist()
 
 
-def _raise_everywhere(error: MegasyneError | None, rank: int) -> None:
-    """Rank 0's error (a refused state directory) raised on every rank, instead of the other
-    ranks waiting at a barrier until the collective timeout."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if error is not None:
-            raise error
-        return
-    box = [error if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise box[0]
-
-
 def _open_store(cfg: LabelConfig, ds: IndexedDataset, clf: TopicClassifier, featurizer: Featurizer,
                 tokenizer, rank: int) -> BlockStore:
     run_config = {"field": cfg.field, "idx_fingerprint": idx_fingerprint(cfg.prefix),
                   "topics": clf.topics, "head": clf.info, "features": clf.features,
                   "weight_sum": float(clf.weight.double().sum()),
-                  "tokenizer": getattr(tokenizer, "path", ""), "max_tokens": cfg.max_tokens,
+                  # the file's content, not its path: the same tokenizer named by another path
+                  # (a relative one, another cwd) may resume, another file at that path may not
+                  "tokenizer_sha256": tokenizer.sha256, "max_tokens": cfg.max_tokens,
                   "encoder": featurizer.precision}
-    store_args = dict(config=run_config, num_items=ds.num_documents, block_size=cfg.block_size)
-    error = None
-    if rank == 0:
-        try:
-            BlockStore(cfg.state_path, restart=cfg.restart, **store_args)
-        except MegasyneError as exc:
-            error = exc
-    _raise_everywhere(error, rank)
-    return BlockStore(cfg.state_path, create=False, **store_args)
+    return open_on_every_rank(cfg.state_path, rank=rank, restart=cfg.restart, config=run_config,
+                              num_items=ds.num_documents, block_size=cfg.block_size)
 
 
 def label_block(ds: IndexedDataset, start: int, stop: int, clf: TopicClassifier,
@@ -183,8 +163,11 @@ def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer
     ds = IndexedDataset(cfg.prefix)
     store = _open_store(cfg, ds, clf, featurizer, tokenizer, rank)
     resumed = sorted(store.done_blocks())
-    mine = store.pending(rank, world)
+    todo = store.pending()
+    mine = todo[rank::world]
     _barrier()  # every rank has listed the pending blocks before anyone saves
+    kill = KillAfterBlocks(cfg.kill_after_blocks, pending=len(todo), workers=world,
+                           barrier=_barrier, error=TopicError)
     t1 = time.time()
     my_docs = sum(store.block_range(b)[1] - store.block_range(b)[0] for b in mine)
     bar = tqdm(total=my_docs, unit="doc", desc=f"label_topics {cfg.field} (rank 0 of {world})",
@@ -194,8 +177,7 @@ def label_dataset(cfg: LabelConfig, clf: TopicClassifier, featurizer: Featurizer
         idx, conf = label_block(ds, start, stop, clf, featurizer, tokenizer, cfg.max_tokens)
         store.save(b, topic=idx, confidence=conf)
         bar.update(stop - start)
-        if cfg.kill_after_blocks is not None and k >= cfg.kill_after_blocks:
-            os.kill(os.getpid(), signal.SIGKILL)
+        kill.block_done(k)
     bar.close()
     labelled = _sum_over_ranks(len(mine), my_docs)  # also the barrier after the last save
     label_s = time.time() - t1

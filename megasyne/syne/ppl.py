@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -36,7 +35,7 @@ from megasyne.atomic import atomic_write_json
 from megasyne.data.indexed_dataset import IndexedDataset, idx_fingerprint
 from megasyne.data.metadata import meta_dir, write_metadata_field
 from megasyne.errors import RecipeToolError
-from megasyne.syne.blocks import BlockStore
+from megasyne.syne.blocks import BlockStore, KillAfterBlocks, open_on_every_rank
 
 
 class ScoreError(RecipeToolError, ValueError):
@@ -69,7 +68,8 @@ class ScoreConfig:
     """tqdm bar (rank 0)."""
     kill_after_blocks: int | None = None
     """Tests only: a crash at a known point. Every rank SIGKILLs itself once every rank has
-    scored that many blocks, so exactly that many blocks per DP replica are on disk."""
+    scored that many blocks, so exactly that many blocks per DP replica are on disk (refused when
+    a replica has fewer pending blocks; see megasyne.syne.blocks.KillAfterBlocks)."""
 
     def __post_init__(self) -> None:
         if self.stride is None:
@@ -154,14 +154,6 @@ def perplexity(nll_sum: np.ndarray, count: np.ndarray) -> np.ndarray:
     return ppl.astype(np.float32)
 
 
-def _crash(scorer) -> None:
-    """The crash of ScoreConfig.kill_after_blocks: the barrier first, so that every writer's
-    blocks so far are saved (a rank killed early would make torchrun stop the others at a
-    random point); then SIGKILL, so that no clean-up of any kind runs."""
-    scorer.barrier()
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _publish(cfg: ScoreConfig, scorer, store: BlockStore, ds: IndexedDataset, own: dict,
              own_docs: int, t0: float) -> dict:
     """Rank 0, every block done: write the field and the report (``own``: rank 0's figures of
@@ -202,18 +194,14 @@ def run_score(cfg: ScoreConfig, scorer) -> dict | None:
                   "model": scorer.identity, "window": cfg.window, "stride": cfg.stride,
                   "prepend_id": cfg.prepend_id, "dtype": scorer.dtype,
                   "vocab_size": scorer.vocab_size}
-    store_args = dict(config=run_config, num_items=ds.num_documents, block_size=cfg.block_size)
-    if rank == 0:
-        BlockStore(cfg.state_path, restart=cfg.restart, **store_args)
-    scorer.barrier()
-    store = BlockStore(cfg.state_path, create=False, **store_args)
+    store = open_on_every_rank(cfg.state_path, rank=rank, restart=cfg.restart, config=run_config,
+                               num_items=ds.num_documents, block_size=cfg.block_size)
     resumed = len(store.done_blocks())
     todo = store.pending()
     mine = todo[scorer.dp_rank::scorer.dp_size]
     scorer.barrier()  # every rank has listed the pending blocks before anyone saves
-    if cfg.kill_after_blocks is not None and len(todo) // scorer.dp_size < cfg.kill_after_blocks:
-        raise ScoreError(f"--debug-kill-after-blocks {cfg.kill_after_blocks}: some DP replica has "
-                         f"only {len(todo) // scorer.dp_size} of the {len(todo)} pending blocks")
+    kill = KillAfterBlocks(cfg.kill_after_blocks, pending=len(todo), workers=scorer.dp_size,
+                           barrier=scorer.barrier, error=ScoreError)
     total_docs = sum(store.block_range(b)[1] - store.block_range(b)[0] for b in mine)
     bar = tqdm(total=total_docs, unit="doc", desc=f"score_ppl {cfg.field}", dynamic_ncols=True,
                disable=not (cfg.progress and rank == 0))
@@ -228,8 +216,7 @@ def run_score(cfg: ScoreConfig, scorer) -> dict | None:
             store.save(b, nll_sum=nll, count=count)
         saved += 1
         bar.update(stop - start)
-        if saved == cfg.kill_after_blocks:
-            _crash(scorer)
+        kill.block_done(saved)  # every rank of a replica counts its blocks, writer or not
     scoring_seconds = time.perf_counter() - t_scoring
     scoring_cpu_seconds = time.process_time() - cpu_scoring  # all threads of this process
     bar.close()

@@ -2,20 +2,22 @@
 once per argument list (lists separated by ``--``), as the command line would under torchrun.
 
 Usage: label_worker.py OUT_JSON ARGS... [-- ARGS...]
-Each rank writes ``OUT_JSON.<rank>``: the exit code and printed lines of every run. The process
-group is joined once, here, with the tool's own ``init_distributed`` (a group destroyed and created
-again in one process under torchrun meets the first one's keys in the launcher's store and hangs);
-the tool then uses that group and leaves it alone.
+Each rank writes ``OUT_JSON.<rank>``: the exit code and printed lines of every run, rewritten
+after each run so that a last run that kills the job (``--debug-kill-after-blocks``) leaves the
+results of the runs before it. The process group is joined once, here, with the tool's own
+``init_distributed`` (a group destroyed and created again in one process under torchrun meets the
+first one's keys in the launcher's store and hangs); the tool then uses that group and leaves it
+alone.
 """
 
 import contextlib
 import importlib.util
 import io
-import json
 import sys
 
 import torch.distributed
 
+from megasyne.atomic import atomic_write_json
 from megasyne.syne.labeling import init_distributed
 from tests.launch import REPO_ROOT
 
@@ -39,8 +41,7 @@ def main(out: str, argv: list[str]) -> None:
         with contextlib.redirect_stdout(printed):
             rc = tool.main(args)
         results.append({"rc": rc, "stdout": printed.getvalue()})
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump(results, f)
+        atomic_write_json(f"{out}.{rank}", results)
     torch.distributed.destroy_process_group()
 
 

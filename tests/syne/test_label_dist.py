@@ -5,13 +5,15 @@ Fixture: 40 English documents of 1 to 5 labelled paragraphs (so MiniLM batches m
 documents are cut at --max-tokens), a byte-level BPE trained on them, a MiniLM head trained on the
 labelled set. Launches: one uninterrupted single-process run (the reference), one single-process
 run SIGKILLed after 2 of its 7 blocks, and ONE 2-rank torchrun job that labels from scratch,
-resumes the killed run with another batch size, and meets a foreign state directory.
+resumes the killed run with another batch size, meets a foreign state directory, and last is
+SIGKILLed on both ranks once each has labelled 2 blocks (resumed in the test process).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,9 +23,17 @@ import torch
 
 from megasyne.data.indexed_dataset import IndexedDatasetWriter
 from megasyne.data.metadata import list_metadata_fields, meta_dir, read_metadata_field
-from megasyne.syne.blocks import BlockStore
-from megasyne.syne.labeling import predict_texts
-from megasyne.syne.topics import Featurizer, load_taxonomy, minilm_dir, read_labelled, train_classifier
+from megasyne.syne.blocks import BlockStateError, BlockStore
+from megasyne.syne.labeling import LabelConfig, label_dataset, predict_texts
+from megasyne.syne.topics import (
+    Featurizer,
+    TopicClassifier,
+    TopicError,
+    load_taxonomy,
+    minilm_dir,
+    read_labelled,
+    train_classifier,
+)
 from tests.launch import REPO_ROOT, run_torchrun
 
 TAXONOMY = REPO_ROOT / "examples/syne/taxonomy.yaml"
@@ -79,12 +89,29 @@ def work(tmp_path_factory):
                block_size=BLOCK)
     argv = [*common, "--field", "t2", "--confidence-field", "t2c", "--batch-size", 8, "--",
             *common, "--field", "t3", "--confidence-field", "t3c", "--batch-size", 3, "--",
-            *common, "--field", "t4"]
-    run_torchrun(REPO_ROOT / "tests/syne/label_worker.py", 2, root / "ranks.json",
-                 *map(str, argv), timeout=600)
-    ranks = [json.loads((root / f"ranks.json.{r}").read_text()) for r in range(2)]
+            *common, "--field", "t4", "--",
+            *common, "--field", "t5", "--confidence-field", "t5c", "--batch-size", 8,
+            "--debug-kill-after-blocks", 2]
+    crash = run_torchrun(REPO_ROOT / "tests/syne/label_worker.py", 2, root / "ranks.json",
+                         *map(str, argv), timeout=600, check=False)
+    files = [root / f"ranks.json.{r}" for r in range(2)]
+    assert all(f.is_file() for f in files), crash.stderr[-8000:]
+    ranks = [json.loads(f.read_text()) for f in files]
+    assert all(len(r) == 3 for r in ranks), (ranks, crash.stderr[-8000:])  # t5 printed nothing
+    state5 = sorted(os.listdir(meta_dir(prefix) + "/.t5.partial"))
     return dict(root=root, prefix=prefix, texts=texts, tok=tok, feat=feat, clf=clf,
-                reference=reference, killed=killed, state3=state3, ranks=ranks)
+                reference=reference, killed=killed, state3=state3, ranks=ranks, crash=crash,
+                state5=state5)
+
+
+def _label_here(work, field: str, tokenizer, **options) -> dict:
+    """label_dataset in the test process, with the tool's options of the fixture's runs."""
+    from megasyne.data.tokenizers import load_tokenizer
+
+    cfg = LabelConfig(prefix=work["prefix"], field=field, block_size=BLOCK, max_tokens=256,
+                      progress=False, **options)
+    return label_dataset(cfg, TopicClassifier.load(work["root"] / "head"), work["feat"],
+                         load_tokenizer(str(tokenizer)))
 
 
 def _report(work, run: int) -> dict:
@@ -117,6 +144,48 @@ def test_killed_run_resumes_on_two_ranks(work):
     assert _field_bytes(work["prefix"], "t1") == _field_bytes(work["prefix"], "t3")
     np.testing.assert_allclose(read_metadata_field(work["prefix"], "t3c"),
                                read_metadata_field(work["prefix"], "t1c"), atol=1e-5)
+
+
+@pytest.mark.distributed
+def test_job_killed_on_two_ranks_leaves_two_blocks_each_and_resumes(work, tmp_path):
+    """Both ranks are SIGKILLed only once each has saved its 2nd block (the barrier of
+    KillAfterBlocks): blocks 0-3 on disk whatever the ranks' speeds, no field published."""
+    assert work["crash"].returncode != 0 and "SIGKILL" in work["crash"].stderr, \
+        work["crash"].stderr[-3000:]
+    assert work["state5"] == [f"block_{b:08d}.npz" for b in range(4)] + ["run.json"]
+    assert "t5" not in list_metadata_fields(work["prefix"])
+    # the same tokenizer file under another path: the blocks are keyed by its content
+    shutil.copy(work["root"] / "tok.json", tmp_path / "tok.json")
+    report = _label_here(work, "t5", tmp_path / "tok.json", confidence_field="t5c")
+    assert (report["blocks_resumed"], report["blocks_labelled"]) == (4, 3)
+    assert _field_bytes(work["prefix"], "t1") == _field_bytes(work["prefix"], "t5")
+    np.testing.assert_allclose(read_metadata_field(work["prefix"], "t5c"),
+                               read_metadata_field(work["prefix"], "t1c"), atol=1e-5)
+
+
+def test_kill_after_more_blocks_than_pending_is_refused(work):
+    """7 blocks: killing after the 8th can never happen (on 2 ranks a rank that ran out of blocks
+    would wait at the final collective while the others wait at the kill's barrier)."""
+    with pytest.raises(TopicError, match=r"--debug-kill-after-blocks 8: .* only 7 of the 7 pending"):
+        _label_here(work, "t6", work["root"] / "tok.json", kill_after_blocks=8)
+    assert os.listdir(meta_dir(work["prefix"]) + "/.t6.partial") == ["run.json"]  # nothing labelled
+    assert "t6" not in list_metadata_fields(work["prefix"])
+
+
+def test_another_tokenizer_at_the_same_path_is_refused(work, tmp_path):
+    """A run stopped before its first block (the refused kill above) leaves its run.json; a
+    resume that decodes with another tokenizer file, at the very same path, must not reuse it."""
+    from tokenizers import Tokenizer
+
+    path = tmp_path / "tok.json"
+    shutil.copy(work["root"] / "tok.json", path)
+    with pytest.raises(TopicError, match="--debug-kill-after-blocks"):
+        _label_here(work, "t7", path, kill_after_blocks=8)
+    other = Tokenizer.from_file(str(path))
+    other.add_special_tokens(["<other>"])
+    other.save(str(path))
+    with pytest.raises(BlockStateError, match=r"tokenizer_sha256.*--restart"):
+        _label_here(work, "t7", path)
 
 
 @pytest.mark.distributed

@@ -8,7 +8,8 @@ single token: nothing to score), windows of 48 tokens every 32 (documents up to 
 The model is converted in the test process (the streaming single-process path), which then
 scores once at 1 rank, uninterrupted (``ppl_1rank``, the baseline every other run must equal).
 Launches: one 4-rank torchrun job scores at TP2 x DP2, PP2 x DP2 (3 micro-batches through the
-pipeline schedule) and DP4 (blocks dealt to four replicas), then starts a TP2 x DP2 run that
+pipeline schedule) and DP4 (blocks dealt to four replicas), meets a state directory left by a run
+of another model (refused on every rank), then starts a TP2 x DP2 run that
 SIGKILLs every rank once each replica has saved 2 of its 4 blocks; one 2-rank torchrun run of the
 tool (DP2, another layout) resumes it; two plain runs of the tool: one SIGKILLed after 2 of its
 4 blocks, one that resumes it. The reference is transformers' own strided-window recipe,
@@ -30,14 +31,22 @@ from megasyne.checkpoint.hf_convert import hf_to_megasyne
 from megasyne.data.indexed_dataset import IndexedDataset, IndexedDatasetWriter
 from megasyne.data.metadata import list_metadata_fields, read_metadata_field
 from megasyne.scorers import MegatronScorer
-from megasyne.syne.blocks import BlockStateError, BlockStore
-from megasyne.syne.ppl import ScoreConfig, document_tokens, plan_windows, reference_perplexity, run_score
+from megasyne.syne.blocks import BlockStateError, BlockStore, KillAfterBlocks
+from megasyne.syne.ppl import (
+    ScoreConfig,
+    ScoreError,
+    document_tokens,
+    plan_windows,
+    reference_perplexity,
+    run_score,
+)
 from tests.launch import REPO_ROOT, run_torchrun
 
 WINDOW, STRIDE = 48, 32
 REL_TOL = 1e-3  # the bound examples/syne/README.md states; fp32 on both sides measures ~1e-6
 SAME_TOL = 1e-5  # megasyne at another layout or batching vs megasyne at 1 rank (fp32 rounding)
 LAYOUTS = ["tp2dp2:2:1:5", "pp2dp2:1:2:5", "dp4:1:1:3"]
+FOREIGN = "foreign:1:1:5"  # DP4 into a state directory of another model's run
 CRASH = "crash:2:1:3:2"  # TP2 x DP2, 8 blocks of 3 documents: killed at 2 blocks per replica
 
 
@@ -90,10 +99,13 @@ def work(tmp_path_factory):
     finally:
         os.environ.clear()
         os.environ.update(env)
+    foreign = BlockStore(f"{prefix}.meta/.ppl_foreign.partial", config={"model": "another"},
+                         num_items=ds.num_documents, block_size=5)
     crash = run_torchrun(REPO_ROOT / "tests/syne/score_worker.py", 4, root / "ms", prefix,
-                         *LAYOUTS, CRASH, timeout=600, check=False)
+                         *LAYOUTS, FOREIGN, CRASH, timeout=600, check=False)
     crash_state = f"{prefix}.meta/.ppl_crash.partial"
     return dict(root=root, prefix=prefix, ref=ref, ms=root / "ms", hf_model=hf, crash=crash,
+                foreign=foreign,
                 crash_state=crash_state, crash_files=sorted(os.listdir(crash_state)),
                 one_rank=read_metadata_field(prefix, "ppl_1rank"))
 
@@ -170,6 +182,19 @@ def test_job_killed_under_torchrun_resumes_at_another_layout(work):
     _check(got, work["ref"])
 
 
+@pytest.mark.distributed
+def test_state_of_another_run_is_refused_on_every_rank(work):
+    """Rank 0 alone reads run.json first; its refusal must reach ranks 1-3 (they would otherwise
+    wait for rank 0 at a barrier until torchrun or a collective timeout stopped them)."""
+    refused = sorted(ln for ln in work["crash"].stdout.splitlines() if "refused ppl_foreign" in ln)
+    assert [ln.split(" refused")[0] for ln in refused] == [f"rank {r}" for r in range(4)], \
+        work["crash"].stdout[-3000:]
+    assert all("another configuration" in ln and "'model'" in ln and "--restart" in ln
+               for ln in refused), refused
+    assert "ppl_foreign" not in list_metadata_fields(work["prefix"])
+    assert work["foreign"].done_blocks() == set() and (work["foreign"].dir / "run.json").is_file()
+
+
 def test_killed_run_resumes_and_matches_transformers(work):
     prefix, ms = work["prefix"], work["ms"]
     args = ["--data-prefix", prefix, "--checkpoint", ms, "--window", WINDOW, "--stride", STRIDE,
@@ -216,6 +241,33 @@ def test_prepend_id_scores_the_first_token(work):
     ref = reference_perplexity(work["hf_model"], np.concatenate([[299], document_tokens(ds, 5)]),
                                WINDOW, STRIDE)
     assert got[5] == pytest.approx(ref, rel=1e-5)
+
+
+def test_kill_after_more_blocks_than_pending_is_refused(work):
+    """3 blocks of 10 documents: a kill after the 4th block could never happen; the run is refused
+    before it scores anything (on several ranks a short replica would hang the job)."""
+    from megasyne.scorers import HFScorer
+
+    cfg = ScoreConfig(prefix=work["prefix"], field="ppl_refused", window=WINDOW, stride=STRIDE,
+                      batch_size=4, block_size=10, progress=False, kill_after_blocks=4)
+    with pytest.raises(ScoreError, match=r"--debug-kill-after-blocks 4: .* only 3 of the 3 pending"):
+        run_score(cfg, HFScorer.from_dir(work["root"] / "hf"))
+    assert os.listdir(cfg.state_path) == ["run.json"]  # nothing scored
+    assert "ppl_refused" not in list_metadata_fields(work["prefix"])
+
+
+def test_kill_hook_refuses_a_replica_short_of_blocks():
+    """5 pending blocks dealt to 2 DP replicas: replica 1 gets 2 (blocks 1 and 3), so a kill after
+    3 blocks is refused although replica 0 has 3; after 2 it is armed and fires at the 2nd only."""
+    barriers = []
+    with pytest.raises(ScoreError, match=r"2 workers .* only 2 of the 5 pending"):
+        KillAfterBlocks(3, pending=5, workers=2, barrier=lambda: barriers.append(1), error=ScoreError)
+    with pytest.raises(ScoreError, match=">= 1"):
+        KillAfterBlocks(0, pending=5, workers=2, barrier=lambda: barriers.append(1), error=ScoreError)
+    kill = KillAfterBlocks(2, pending=5, workers=2, barrier=lambda: barriers.append(1),
+                           error=ScoreError)
+    kill.block_done(1)  # not yet: no barrier, no SIGKILL (this test process lives on)
+    assert barriers == []
 
 
 def test_state_of_another_configuration_is_refused(tmp_path):
