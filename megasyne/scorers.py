@@ -327,7 +327,14 @@ class HFScorer(TokenScorer):
         path = Path(hf_dir)
         kwargs = {"attn_implementation": attention} if attention else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            # Under torchrun each rank takes its own GPU: "cuda" alone is the current device,
+            # GPU 0 for every rank unless it was set.
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            model.to(torch.device("cuda", local_rank))
+        else:
+            model.to("cpu")
         config_sha = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
         weights = sorted((p.name, p.stat().st_size) for p in path.iterdir()
                          if p.suffix in (".safetensors", ".bin"))

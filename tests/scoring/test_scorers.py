@@ -55,3 +55,35 @@ def test_hf_scorer_matches_transformers(converted_gqa):
     assert shared.tolist() == pytest.approx(alone.tolist(), abs=1e-6)
     with pytest.raises(ValueError, match="rows must give an input row"):
         scorer.nll(tokens, labels, mask, rows=np.array([0, 1, 3]))
+
+
+def test_hf_scorer_takes_this_ranks_gpu(tmp_path, monkeypatch):
+    """Under torchrun on a GPU node, rank k's model goes to cuda:k, not to every rank's GPU 0.
+    (No GPU here: CUDA and the model are stood in for, and what they are asked is recorded.)"""
+    import torch
+    import transformers
+
+    from megasyne import scorers
+
+    asked = {}
+
+    class Model(torch.nn.Module):
+        config = type("Config", (), {"vocab_size": 8})()
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def to(self, device):
+            asked["to"] = device
+            return self
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: Model())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: asked.setdefault("set_device", d))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    (tmp_path / "config.json").write_text("{}")
+    scorers.HFScorer.from_dir(tmp_path)
+    assert asked == {"set_device": 3, "to": torch.device("cuda", 3)}
