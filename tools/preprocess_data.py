@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-prefix", required=True)
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    g.add_argument("--batch-size", type=int, default=256, help="records per worker task")
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="lines per worker task (a task also ends at 4 MiB)")
     g.add_argument("--log-interval", type=int, default=10000,
                    help="log progress every N documents (0: never)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")

@@ -114,7 +114,7 @@ class PreprocessConfig:
     workers: int = 1
     skip_bad_lines: bool = False
     log_interval: int = 10000  # documents between log lines on stderr; 0: none
-    batch_size: int = 256  # records per worker task
+    batch_size: int = 256  # lines per worker task (a task also ends at 4 MiB; Parquet: rows)
     progress: bool | None = None  # tqdm bar; None: only when stderr is a terminal
 
     def __post_init__(self) -> None:
