@@ -2,8 +2,8 @@
 
     python -m megasyne.ablation.evaluate --grid GRID.yaml --entry base|<cell>
 
-run by ``megasyne.ablation.runner`` as a child process (one process, TP1), so that every cell
-and the base are scored by the same code on the same data:
+run by ``megasyne.ablation.runner`` (in its own process on a CPU, as a child process with CUDA;
+one process, TP1), so that every cell and the base are scored by the same code on the same data:
 
 - validation perplexity on held-out data (the grid's ``eval_recipe``: its first ``eval_samples``
   samples, the trainer's own ``Validator`` on the checkpoint loaded into the Megatron-Core

@@ -2,7 +2,8 @@
 
 Each cell is ``torchrun --standalone --nproc_per_node=<ranks> pretrain_syne.py --config
 <output>/<cell>/train.yaml`` (a child process; output appended to ``<cell>/train.log``), then
-its evaluation (``python -m megasyne.ablation.evaluate``, a child process), then its done
+its evaluation (``megasyne.ablation.evaluate``: in this process on a CPU, a child process with
+CUDA; output in ``<cell>/eval.log``), then its done
 marker ``<cell>/done.json``, written only after ``eval.json``. A rerun skips done cells and
 relaunches the others: the trainer resumes from the cell's newest checkpoint by itself. A
 launch that exits 0 without the trainer's ``run/complete.json`` was stopped before its end
@@ -137,18 +138,62 @@ def train_cell(grid: Grid, cell: Cell, *, log: Callable = print) -> None:
                          f"{cell.run_dir / COMPLETE_MARKER}; preempted?); rerun to resume it")
 
 
-def evaluate_entry(grid: Grid, name: str) -> Path:
-    """The entry's evaluation in a child process; returns its eval.json."""
+def evaluate_entry(grid: Grid, name: str, *, in_process: bool | None = None) -> Path:
+    """The entry's evaluation (``megasyne.ablation.evaluate.run_entry``); returns its eval.json.
+
+    By default (``in_process=None``) it runs in this process when there is no CUDA device and
+    in a child process otherwise. In this process, the scorer opens and closes its own 1-rank
+    gloo group, what the evaluation prints goes to eval.log, and each entry is spared a fresh
+    interpreter's torch and Megatron-Core imports (seconds per entry on a CPU). With CUDA, a
+    child: a CUDA context cannot be released, and one left by this runner on a GPU would take
+    memory from the next cell's training. Both paths write the same eval.json
+    (tests/ablation/test_ablate_e2e.py compares them)."""
     out = grid.output / name / "eval.json"
     out.unlink(missing_ok=True)  # a stale one must not pass for this evaluation's result
-    cmd = [sys.executable, "-m", "megasyne.ablation.evaluate", "--grid", str(grid.path), "--entry", name]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_child_env(), capture_output=True, text=True)
     log_path = grid.output / name / "eval.log"
-    atomic_write_text(log_path, proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not out.is_file():
-        raise CellFailed(f"{name}: evaluation failed (status {proc.returncode}); see {log_path} "
+    if in_process is None:
+        import torch
+
+        in_process = not torch.cuda.is_available()
+    status = _evaluate_here(grid, name, log_path) if in_process else _evaluate_in_child(grid, name, log_path)
+    if status != 0 or not out.is_file():
+        raise CellFailed(f"{name}: evaluation failed (status {status}); see {log_path} "
                          f"(last line: {_last_line(log_path)})")
     return out
+
+
+def _evaluate_in_child(grid: Grid, name: str, log_path: Path) -> int:
+    cmd = [sys.executable, "-m", "megasyne.ablation.evaluate", "--grid", str(grid.path), "--entry", name]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=_child_env(), capture_output=True, text=True)
+    atomic_write_text(log_path, proc.stdout + proc.stderr)
+    return proc.returncode
+
+
+def _evaluate_here(grid: Grid, name: str, log_path: Path) -> int:
+    """``python -m megasyne.ablation.evaluate``'s main() in this process: the same exit status
+    (2 for a MegasyneError, 1 with the traceback for anything else) and output, into eval.log.
+    The environment is restored afterwards (the evaluation's imports set variables, e.g.
+    HF_DATASETS_OFFLINE), so that later cells' training children get this runner's own."""
+    import contextlib
+    import io
+    import traceback
+
+    from megasyne.ablation.evaluate import main as evaluate_main
+
+    env, buf = dict(os.environ), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            try:
+                status = evaluate_main(["--grid", str(grid.path), "--entry", name])
+            except Exception:  # a bug: the traceback a child would have printed, then stop
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(log_path, buf.getvalue())
+    return status
 
 
 def _last_line(path: Path) -> str:

@@ -2,7 +2,8 @@
 killed in the middle of the second cell, rerun (finished entries skipped, the killed cell
 resumed from its checkpoint), the table written; the base row's perplexities and benchmark
 score equal transformers' on the same held-out samples and questions, each cell's equal the
-trainer's own validation at its last step; a changed definition is then refused."""
+trainer's own validation at its last step; the evaluation in a child process (the path taken
+with CUDA) equals the tool's in-process one; a changed definition is then refused."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_grid_runs_resumes_and_tabulates(tmp_path):
+def test_grid_runs_resumes_and_tabulates(tmp_path, monkeypatch):
     grid = make_grid_files(tmp_path)
     out = tmp_path / "out"
     killed = _ablate(grid, kill_when=lambda: len(_steps(out / "zh10-shuf" / "run")) >= 2)
@@ -88,6 +89,15 @@ def test_grid_runs_resumes_and_tabulates(tmp_path):
     md = (out / "results.md").read_text()
     assert f"**{evals[best]['val']['ppl']:.3f}**" in next(ln for ln in md.splitlines() if ln.startswith(f"| {best} "))
     assert (out / "results.png").stat().st_size > 10_000
+    # the tool evaluated in its own process (no CUDA); a child process (the path with CUDA)
+    # writes the same eval.json
+    from megasyne.ablation.grid import load_grid
+    from megasyne.ablation.runner import evaluate_entry
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in the tool's runs: the same float sums
+    child = json.loads(evaluate_entry(load_grid(grid), "zh40-shuf", in_process=False).read_text())
+    assert {k: v for k, v in child.items() if k != "seconds"} == \
+        {k: v for k, v in evals["zh40-shuf"].items() if k != "seconds"}
 
     raw = yaml.safe_load(grid.read_text())
     raw["base"]["set"] = {"optim.lr": 1e-3}

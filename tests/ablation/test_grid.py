@@ -194,3 +194,33 @@ def test_command_line_reports_a_grid_error_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: cell x: recipe.sources.nope.order: ") and err.count("\n") == 1
     assert tool.main(["--grid", str(path), "--list"]) == 0
+
+
+def test_an_evaluation_error_fails_its_entry_naming_the_log(tmp_path, monkeypatch):
+    """The evaluation in this process (the CPU default) fails as its child process would: a
+    MegasyneError is eval.log's one ``error:`` line and status 2 (the base checkpoint here is
+    an empty directory); a bug is its traceback and status 1. No eval.json either way, and the
+    environment is restored (the evaluation's imports may set variables)."""
+    import os
+
+    import megasyne.ablation.evaluate as evaluate
+    from megasyne.ablation.runner import CellFailed, evaluate_entry
+
+    grid = load_grid(_world(tmp_path))
+    prepare(grid)
+    log, env = tmp_path / "out" / "base" / "eval.log", dict(os.environ)
+    with pytest.raises(CellFailed, match=r"^base: evaluation failed \(status 2\); see .*eval\.log "
+                                         r"\(last line: error: "):
+        evaluate_entry(grid, "base", in_process=True)
+    assert log.read_text().count("error: ") == 1 and str(tmp_path / "ckpt") in log.read_text()
+    assert not (tmp_path / "out" / "base" / "eval.json").exists()
+
+    def bug(argv):
+        os.environ["MEGASYNE_TEST_LEAK"] = "1"
+        raise KeyError("tokens")
+
+    monkeypatch.setattr(evaluate, "main", bug)
+    with pytest.raises(CellFailed, match=r"evaluation failed \(status 1\).*last line: KeyError: 'tokens'"):
+        evaluate_entry(grid, "base", in_process=True)
+    assert "Traceback" in log.read_text() and dict(os.environ) == env
+    assert not (tmp_path / "out" / "base" / "eval.json").exists()

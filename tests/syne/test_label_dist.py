@@ -3,10 +3,10 @@ MiniLM's length-sorted batches.
 
 Fixture: 40 English documents of 1 to 5 labelled paragraphs (so MiniLM batches mix lengths and
 documents are cut at --max-tokens), a byte-level BPE trained on them, a MiniLM head trained on the
-labelled set. Launches: one uninterrupted single-process run (the reference), one single-process
-run SIGKILLed after 2 of its 7 blocks, and ONE 2-rank torchrun job that labels from scratch,
-resumes the killed run with another batch size, meets a foreign state directory, and last is
-SIGKILLed on both ranks once each has labelled 2 blocks (resumed in the test process).
+labelled set. Launches: one uninterrupted single-process run (the reference) and, beside it, one
+single-process run SIGKILLed after 2 of its 7 blocks, then ONE 2-rank torchrun job that labels
+from scratch, resumes the killed run with another batch size, meets a foreign state directory,
+and last is SIGKILLed on both ranks once each has labelled 2 blocks (resumed in the test process).
 """
 
 from __future__ import annotations
@@ -41,14 +41,22 @@ LABELLED = REPO_ROOT / "examples/syne/data/topics_labelled.jsonl"
 BLOCK, DOCS = 6, 40  # 7 blocks, the last one of 4 documents
 
 
-def _tool(*args, check=True) -> subprocess.CompletedProcess:
+def _start(*args) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1",  # as torchrun's workers: same float sums
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "tools/label_topics.py", *map(str, args)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, "tools/label_topics.py", *map(str, args)], cwd=REPO_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(proc: subprocess.Popen, check=True) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+        assert proc.returncode == 0, err[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _field_bytes(prefix: str, name: str) -> bytes:
@@ -79,10 +87,15 @@ def work(tmp_path_factory):
     clf.save(root / "head")
     common = ["label", "--head", root / "head", "--data-prefix", prefix, "--tokenizer",
               root / "tok.json", "--block-size", BLOCK, "--max-tokens", 256, "--no-progress"]
-    reference = json.loads(_tool(*common, "--field", "t1", "--confidence-field", "t1c",
-                                 "--batch-size", 8).stdout)
-    killed = _tool(*common, "--field", "t3", "--confidence-field", "t3c", "--batch-size", 8,
-                   "--debug-kill-after-blocks", 2, check=False)
+    # The reference and the killed run at once: one thread each, the 2 cores both busy; they
+    # share only the metadata directory, whose writes take its lock (the killed run publishes
+    # nothing anyway).
+    reference = _start(*common, "--field", "t1", "--confidence-field", "t1c", "--batch-size", 8)
+    try:
+        killed = _wait(_start(*common, "--field", "t3", "--confidence-field", "t3c", "--batch-size", 8,
+                              "--debug-kill-after-blocks", 2), check=False)
+    finally:
+        reference = json.loads(_wait(reference).stdout)
     state3 = sorted(os.listdir(meta_dir(prefix) + "/.t3.partial"))
     # a state directory left by a run of another head: every rank must refuse it, none may hang
     BlockStore(meta_dir(prefix) + "/.t4.partial", config={"features": "ngrams"}, num_items=DOCS,
