@@ -4,6 +4,11 @@ One module fixture trains 4 steps at DP2 (2 ranks, TP1) and checkpoints at steps
 (written in the background, async_save), like a preempted job. Each test copies that run
 directory, injects one fault, relaunches and checks the guard: nothing acknowledged is lost,
 nothing is read twice or skipped, and every refusal says what to do next.
+
+Each torchrun launch costs ~10-20 s of start-up on 2 cores, so: a refusal that is rank 0's
+alone (the run-dir lock, the data identity check every rank makes alike) is launched as one
+plain process (ONE_RANK); two faults that resume through separate guards from the same step
+share one relaunch (resumed_past_faults).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tests.training.pretrain_launch import STEPS, G, launch, make_run_files, rec
 
 pytestmark = pytest.mark.slow
 DP2 = ("parallel.tp=1",)
+ONE_RANK = dict(nproc=1)  # with DP2's overrides: TP1 x DP1, one process, no torchrun
 
 
 @pytest.fixture(scope="module")
@@ -47,16 +53,25 @@ def _edited_recipe(root, name: str, edit) -> str:
     return f"recipe={root / name}"
 
 
-def test_a_torn_metrics_line_is_dropped_and_the_run_resumes(saved):
-    run = _copy(saved, "torn")
+@pytest.fixture(scope="module")
+def resumed_past_faults(saved):
+    """One relaunch (to step 5) of a copy of the run with two faults whose guards act apart:
+    a metrics line torn mid-write (the log's truncation on resume) and a lost ``latest``
+    pointer (the choice of checkpoint). Each test below checks its own guard in it."""
+    run = _copy(saved, "torn_nolatest")
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "stage": "stage1", "consumed_sam')  # killed mid-write
-    proc = launch(saved, "torn", *DP2, "exit_at_step=5")
+    (run / "checkpoints" / "latest").unlink()
+    proc = launch(saved, "torn_nolatest", *DP2, "exit_at_step=5")
     assert proc.returncode == 0, proc.stderr[-6000:]
+    return proc, records(saved, "torn_nolatest"), records(saved, "base")
+
+
+def test_a_torn_metrics_line_is_dropped_and_the_run_resumes(resumed_past_faults):
+    proc, recs, base = resumed_past_faults
     assert "dropping a torn last line" in proc.stderr
-    recs = records(saved, "torn")
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5]
-    assert recs[:4] == records(saved, "base")
+    assert recs[:4] == base
 
 
 def test_a_recipe_edit_is_refused_then_rebased_without_repeating_or_skipping(saved):
@@ -68,7 +83,7 @@ def test_a_recipe_edit_is_refused_then_rebased_without_repeating_or_skipping(sav
         recipe["stages"][0]["weights"]["en"]["weight"] = 5
 
     new_recipe = _edited_recipe(saved, "recipe_5_5.yaml", five_five)
-    refused = launch(saved, "edited", *DP2, new_recipe)
+    refused = launch(saved, "edited", *DP2, new_recipe, **ONE_RANK)
     assert refused.returncode != 0
     assert "the data changed since" in refused.stderr and "at consumed sample 32" in refused.stderr
     assert "recipe stages[0].weights.zh.weight (2 -> 5)" in refused.stderr
@@ -131,7 +146,7 @@ def test_a_second_launcher_on_a_run_dir_is_refused_at_once(saved):
     before = (run / "metrics.jsonl").read_text()
     lock = RunDirLock(run).acquire()  # this process plays the first run
     try:
-        proc = launch(saved, "locked", *DP2, "exit_at_step=6")
+        proc = launch(saved, "locked", *DP2, "exit_at_step=6", **ONE_RANK)
     finally:
         lock.release()
     assert proc.returncode != 0
@@ -140,15 +155,11 @@ def test_a_second_launcher_on_a_run_dir_is_refused_at_once(saved):
     assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
 
 
-def test_a_lost_latest_pointer_resumes_from_the_newest_complete_checkpoint(saved):
-    run = _copy(saved, "nolatest")
-    (run / "checkpoints" / "latest").unlink()
-    proc = launch(saved, "nolatest", *DP2, "exit_at_step=5")
-    assert proc.returncode == 0, proc.stderr[-6000:]
+def test_a_lost_latest_pointer_resumes_from_the_newest_complete_checkpoint(resumed_past_faults):
+    proc, recs, base = resumed_past_faults
     assert "latest is missing; resuming from the newest complete checkpoint" in proc.stdout
     assert "iter_0000004 at step 4" in proc.stdout
-    recs = records(saved, "nolatest")
-    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[:4] == records(saved, "base")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4, 5] and recs[:4] == base
 
 
 def test_a_deleted_newest_checkpoint_falls_back_to_the_previous_one(saved):
@@ -224,7 +235,7 @@ def test_a_re_preprocessed_source_is_refused(saved):
                                         tokenizer=str(saved / "tokenizer.json"),
                                         metadata_keys=["n_chars"], append_eod=True,
                                         log_interval=0, progress=False))
-        proc = launch(saved, "reprocessed", *DP2)
+        proc = launch(saved, "reprocessed", *DP2, **ONE_RANK)
     finally:
         for p in saved.glob("en_verse_text_document*"):
             shutil.rmtree(p) if p.is_dir() else p.unlink()

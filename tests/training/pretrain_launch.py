@@ -69,12 +69,23 @@ def make_run_files(root: Path, docs_per_source: int = 60, max_doc_chars: int | N
 
 
 def launch(root: Path, run: str, *overrides: str, kill_at_step: int | None = None,
-           config: str = "base.yaml", term_at_step: int | None = None):
+           config: str = "base.yaml", term_at_step: int | None = None, nproc: int = 2):
     """Run pretrain_syne.py on 2 ranks; with kill_at_step, SIGKILL the whole job as soon as
     metrics.jsonl shows that step (the launcher and both ranks, like a lost node); with
-    term_at_step, SIGTERM both ranks then (a cluster's preemption notice)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "pretrain_syne.py",
+    term_at_step, SIGTERM both ranks then (a cluster's preemption notice).
+
+    ``nproc=1``: one plain process, no torchrun (pretrain_syne.py runs alone as world size 1),
+    for launches whose check is rank 0's alone, e.g. a refusal at start-up: it spares
+    torchrun's own start-up and a second rank's imports (the overrides must give a 1-rank
+    layout, e.g. parallel.tp=1)."""
+    if nproc == 1:
+        if term_at_step is not None:
+            raise ValueError("term_at_step signals the ranks of a torchrun launcher: use nproc=2")
+        runner = [sys.executable]
+    else:
+        runner = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  f"--nproc_per_node={nproc}"]
+    cmd = [*runner, "pretrain_syne.py",
            "--config", str(root / config), "--set", f"run_dir={root / run}", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
