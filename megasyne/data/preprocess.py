@@ -406,13 +406,15 @@ def _results(cfg: PreprocessConfig, spec: dict, tok, todo, files: list[str]):
             with WorkerPool(cfg.workers, _init_worker, _encode_task, spec,
                             start_method=method) as pool:
                 inflight: deque = deque()  # (task number, file index, line numbers, task)
+                sizes: deque = deque()  # input bytes of each task in flight
                 budget, held = _INFLIGHT_BYTES * cfg.workers, 0
                 for n, (fi, nums, task) in enumerate(todo):
                     pool.submit(n, task)
                     inflight.append((n, fi, nums, task))
-                    held += _task_bytes(task)
+                    sizes.append(_task_bytes(task))
+                    held += sizes[-1]
                     while held >= budget:
-                        held -= _task_bytes(inflight[0][3])
+                        held -= sizes.popleft()
                         yield _collect(cfg, pool, inflight, files)
                 while inflight:
                     yield _collect(cfg, pool, inflight, files)
