@@ -27,7 +27,7 @@ import json
 import sys
 
 from megasyne.data.preprocess import PreprocessConfig, run_preprocess
-from megasyne.data.tokenizers import MEGATRON_TOKENIZER_TYPES
+from megasyne.data.tokenizers import ENGINES, MEGATRON_TOKENIZER_TYPES
 from megasyne.errors import ConfigError, MegasyneError, report
 
 
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-type", default=None,
                    help=f"Megatron's name, validated against the file: "
                         f"{', '.join(MEGATRON_TOKENIZER_TYPES)}")
+    g.add_argument("--tokenizer-engine", choices=ENGINES, default="auto",
+                   help="tokenizer.json only: auto encodes with tiktoken where the ids are the "
+                        "same (Llama-3's file; 4-5x faster), else with the tokenizers library; "
+                        "tokenizers forces that library; tiktoken refuses a file it cannot match")
     g.add_argument("--append-eod", action="store_true", help="end each document with EOD")
     g.add_argument("--prepend-bos", action="store_true", help="start each document with BOS")
     g.add_argument("--split-sentences", action="store_true", help=argparse.SUPPRESS)
@@ -98,7 +102,8 @@ def _run(args) -> dict:
         kind = MEGATRON_TOKENIZER_TYPES[args.tokenizer_type]
     cfg = PreprocessConfig(
         inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer_model,
-        tokenizer_kind=kind, json_keys=_split(args.json_keys),
+        tokenizer_kind=kind, tokenizer_engine=args.tokenizer_engine,
+        json_keys=_split(args.json_keys),
         metadata_keys=_split(args.metadata_keys), append_eod=args.append_eod,
         prepend_bos=args.prepend_bos, workers=args.workers,
         skip_bad_lines=args.skip_bad_lines, log_interval=args.log_interval,

@@ -88,7 +88,7 @@ from megasyne.data.preprocess_pool import (
     WorkerPool,
     describe_exit,
 )
-from megasyne.data.tokenizers import load_tokenizer
+from megasyne.data.tokenizers import ENGINES, load_tokenizer
 from megasyne.errors import DataError
 
 _MAX_BAD_EXAMPLES = 20
@@ -107,6 +107,8 @@ class PreprocessConfig:
     output_prefix: str
     tokenizer: str  # path or spec, see megasyne.data.tokenizers.load_tokenizer
     tokenizer_kind: str | None = None  # force/validate: hf | sentencepiece | tiktoken
+    # tokenizer.json only: auto (tiktoken where the ids are the same) | tokenizers | tiktoken
+    tokenizer_engine: str = "auto"
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     metadata_keys: list[str] = field(default_factory=list)
     append_eod: bool = False
@@ -129,6 +131,8 @@ class PreprocessConfig:
                 raise PreprocessError(f"--metadata-keys {m!r}: must match {_FIELD_NAME.pattern}")
         if self.workers < 1 or self.batch_size < 1:
             raise PreprocessError("--workers and --batch-size must be >= 1")
+        if self.tokenizer_engine not in ENGINES:
+            raise PreprocessError(f"--tokenizer-engine {self.tokenizer_engine!r}: one of {ENGINES}")
 
 
 def dataset_prefix(output_prefix: str, key: str) -> str:
@@ -151,9 +155,9 @@ def _init_worker(spec: dict) -> None:
     # before forking): loading again costs ~0.5 s per worker for Llama-3's 128k-token files,
     # a third of a 66k-document run. A spawned worker starts empty and loads its own.
     tok = _W.get("tok")
-    if tok is None or _W.get("path") != spec["path"] or _W.get("kind") != spec["kind"]:
+    if tok is None or any(_W.get(k) != spec[k] for k in ("path", "kind", "engine")):
         tok = load_tokenizer(spec["path"], kind=spec["kind"], eod=spec["eod_id"],
-                             bos=spec["bos_id"])
+                             bos=spec["bos_id"], engine=spec["engine"])
     _W.update(spec, tok=tok)
 
 
@@ -578,7 +582,10 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked processes
     files = expand_inputs(cfg.inputs)
-    tok = load_tokenizer(cfg.tokenizer, kind=cfg.tokenizer_kind)
+    tok = load_tokenizer(cfg.tokenizer, kind=cfg.tokenizer_kind, engine=cfg.tokenizer_engine)
+    if tok.engine_note:
+        print(f"[preprocess] {tok.path}: encoded by the tokenizers library, not tiktoken: "
+              f"{tok.engine_note}", file=sys.stderr)
     if cfg.append_eod and tok.eod_id is None:
         raise PreprocessError(f"{tok.path}: --append-eod, but the tokenizer has no end-of-document "
                               "token")
@@ -612,8 +619,9 @@ def _run_staged(cfg: PreprocessConfig, files: list[str], tok, prefixes: list[str
                 stage: str) -> dict:
     """Write every dataset completely inside ``stage``, then publish them all."""
     dtype = best_token_dtype(tok.vocab_size)
-    spec = dict(path=tok.path, kind=tok.kind, eod_id=tok.eod_id, bos_id=tok.bos_id,
-                json_keys=list(cfg.json_keys), metadata_keys=list(cfg.metadata_keys),
+    spec = dict(path=tok.path, kind=tok.kind, engine=tok.engine if tok.kind == "hf" else "auto",
+                eod_id=tok.eod_id, bos_id=tok.bos_id, json_keys=list(cfg.json_keys),
+                metadata_keys=list(cfg.metadata_keys),
                 append_eod=cfg.append_eod, prepend_bos=cfg.prepend_bos, dtype=dtype)
     keys = cfg.json_keys
     staged = [staging.staged_prefix(stage, p) for p in prefixes]

@@ -46,8 +46,10 @@ def test_orjson_is_used_when_installed():
 
 def test_forked_worker_reuses_the_parents_tokenizer(monkeypatch):
     sentinel = object()
-    spec = {"path": "/x/tokenizer.json", "kind": "hf", "eod_id": 1, "bos_id": 0}
-    monkeypatch.setattr(preprocess, "_W", {"path": spec["path"], "kind": "hf", "tok": sentinel})
+    spec = {"path": "/x/tokenizer.json", "kind": "hf", "engine": "tiktoken", "eod_id": 1,
+            "bos_id": 0}
+    monkeypatch.setattr(preprocess, "_W", {"path": spec["path"], "kind": "hf",
+                                           "engine": "tiktoken", "tok": sentinel})
 
     def no_load(*a, **k):
         raise AssertionError("the inherited tokenizer should have been reused")
@@ -60,3 +62,5 @@ def test_forked_worker_reuses_the_parents_tokenizer(monkeypatch):
     monkeypatch.setattr(preprocess, "load_tokenizer", lambda *a, **k: loaded.append(a) or "tok")
     preprocess._init_worker({**spec, "path": "/y/tokenizer.json"})
     assert loaded == [("/y/tokenizer.json",)] and preprocess._W["tok"] == "tok"
+    preprocess._init_worker({**spec, "path": "/y/tokenizer.json", "engine": "tokenizers"})
+    assert len(loaded) == 2  # the same file through another engine is another tokenizer
