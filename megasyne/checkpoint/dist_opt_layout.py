@@ -17,6 +17,13 @@ checkpoint without it, from a distributed-optimizer run at PP > 1 with tied embe
 loaded with its optimizer state only when the bucket layout the old code had for it (recomputed
 here from the parameters, megatron-core's algorithm without ``bucket_size``) has no padding
 before a bucket's end other than the last's; that needs the layout it was saved at.
+
+With virtual pipeline stages (interleaved schedule) each model chunk is wrapped in its own DDP
+with its own gradient buffers, laid out alone by the same algorithm, and the distributed
+optimizer gathers and cuts each buffer on its own: the rule holds per buffer. Only the first
+chunk of the first stage (the embedding) and the last chunk of the last stage (the output
+layer) hold a ``shared_embedding`` parameter, so only those can have several buckets; every
+chunk's buffers are checked, and the number of chunks is part of the layout that must match.
 """
 
 from __future__ import annotations
@@ -111,7 +118,7 @@ def check_optimizer_state_layout(manifest: dict, chunks: list, ckpt: Path) -> No
         raise CheckpointError(
             f"{ckpt} was written before megasyne's fix of the distributed optimizer's "
             f"checkpoint (its manifest has no {STATE_LAYOUT_KEY!r}): with tied embeddings at "
-            f"{at} the gradient buffer had a padded bucket before the embedding's own, so the "
-            f"Adam moments and fp32 master weights saved for the parameters after it belong to "
-            f"other elements and a resume would silently train on them. Its model weights are "
-            f"intact: {weights_only}")
+            f"{at} a gradient buffer had a bucket padded at its end next to the embedding's own "
+            f"bucket, so the Adam moments and fp32 master weights saved for the parameters "
+            f"after it belong to other elements and a resume would silently train on them. Its "
+            f"model weights are intact: {weights_only}")
