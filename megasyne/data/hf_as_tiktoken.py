@@ -92,35 +92,44 @@ def _check_pipeline(data: dict) -> str:
     return pattern
 
 
-def _split_merge(merge, index: int) -> tuple[str, str]:
-    if isinstance(merge, str):
-        parts = merge.split(" ")
-    else:
-        parts = list(merge)
-    if len(parts) != 2:
-        raise NotTiktokenEquivalent(f"merge {index} is not a pair: {merge!r}")
-    return parts[0], parts[1]
+def _merge_pairs(merges: list) -> list:
+    """[(left, right)] of "left right" strings (tokenizers < 0.20) or [left, right] lists."""
+    pairs = [m.split(" ") if isinstance(m, str) else m for m in merges]
+    for index, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise NotTiktokenEquivalent(f"merge {index} is not a pair: {merges[index]!r}")
+    return pairs
 
 
 def _check_merges(vocab: dict[str, int], merges: list) -> None:
     """The merges are every split of every token, ordered by (id(l + r), id(l), id(r))."""
-    previous = (-1, -1, -1)
-    for index, merge in enumerate(merges):
-        left, right = _split_merge(merge, index)
-        key = (vocab.get(left + right), vocab.get(left), vocab.get(right))
-        if None in key:
-            raise NotTiktokenEquivalent(f"merge {index} ({left!r}, {right!r}) names a token "
-                                        "outside the vocabulary")
-        if key <= previous:
-            raise NotTiktokenEquivalent(f"merge {index} ({left!r}, {right!r}) is out of the "
-                                        "order (id of the merged token, id of left, id of right)")
-        previous = key
+    import numpy as np
+
+    pairs = _merge_pairs(merges)
+    get = vocab.get
+    # Vectorised: a loop over Llama-3's 280,147 merges cost ~0.6 s of serial start-up.
+    keys = np.array([(get(left + right, -1), get(left, -1), get(right, -1))
+                     for left, right in pairs], dtype=np.int64).reshape(-1, 3)
+    outside = np.flatnonzero((keys < 0).any(axis=1))
+    if outside.size:
+        left, right = pairs[outside[0]]
+        raise NotTiktokenEquivalent(f"merge {outside[0]} ({left!r}, {right!r}) names a token "
+                                    "outside the vocabulary")
+    n = int(keys.max(initial=0)) + 1  # ids < 2**21 in practice; n**3 must fit in int64
+    if n ** 3 >= 2 ** 63:
+        raise NotTiktokenEquivalent(f"ids up to {n - 1} are too many to check the merge order")
+    flat = (keys[:, 0] * n + keys[:, 1]) * n + keys[:, 2]
+    unordered = np.flatnonzero(np.diff(flat) <= 0)
+    if unordered.size:
+        left, right = pairs[unordered[0] + 1]
+        raise NotTiktokenEquivalent(f"merge {unordered[0] + 1} ({left!r}, {right!r}) is out of "
+                                    "the order (id of the merged token, id of left, id of right)")
     # Strictly increasing keys: no merge twice. Each is a split of a token into two tokens, so
     # equal counts mean the merges are all such splits.
     splits = sum(1 for token in vocab for i in range(1, len(token))
                  if token[:i] in vocab and token[i:] in vocab)
-    if splits != len(merges):
-        raise NotTiktokenEquivalent(f"{len(merges)} merges, but the vocabulary has {splits} "
+    if splits != len(pairs):
+        raise NotTiktokenEquivalent(f"{len(pairs)} merges, but the vocabulary has {splits} "
                                     "splits of a token into two tokens")
 
 
