@@ -170,6 +170,17 @@ class LineBlock(NamedTuple):
     data: bytes
 
 
+class RowBatch(NamedTuple):
+    """Parquet rows (dicts of the needed columns) with their row numbers."""
+
+    nums: list[int]
+    rows: list[dict]
+
+    @property
+    def first(self) -> int:
+        return self.nums[0]
+
+
 def _cut_lines(read, batch_lines: int, batch_bytes: int, keep: bool):
     """(first line number, start, end, the bytes [start, end) if ``keep``) of a byte stream.
 
@@ -268,13 +279,14 @@ def split_lines(data: bytes) -> tuple[list[bytes], bool]:
 
 
 def batches(files: list[str], columns: list[str], batch_size: int):
-    """(file index, line numbers, task): the whole input as tasks of <= batch_size lines.
+    """(file index, task): the whole input as tasks of <= batch_size lines, each numbered from
+    its ``first`` line (or row).
 
     - a plain file: ``LineRange`` s; the worker reads its lines itself (:func:`read_line_range`)
     - a compressed file: ``LineBlock`` s, decompressed here (a stream can only be read from its
       start) but never split into lines here
-    - Parquet: lists of row dicts, with their row numbers
-    Line numbers are None for the first two: the worker returns those of the records it found.
+    - Parquet: ``RowBatch`` es of row dicts, with their row numbers
+    The worker returns the line numbers of the records it found in a task.
     """
     for fi, path in enumerate(files):
         if is_parquet(path):
@@ -283,16 +295,16 @@ def batches(files: list[str], columns: list[str], batch_size: int):
                 nums.append(num)
                 rows.append(row)
                 if len(rows) >= batch_size:
-                    yield fi, nums, rows
+                    yield fi, RowBatch(nums, rows)
                     nums, rows = [], []
             if rows:
-                yield fi, nums, rows
+                yield fi, RowBatch(nums, rows)
         elif _compression(path) is None:
             try:
                 for first, start, end in line_ranges(path, batch_size):
-                    yield fi, None, LineRange(path, first, start, end)
+                    yield fi, LineRange(path, first, start, end)
             except OSError as exc:
                 raise _damaged(path, "file", "while cutting it into batches", exc) from None
         else:
             for block in line_blocks(path, batch_size):
-                yield fi, None, block
+                yield fi, block

@@ -215,9 +215,9 @@ def _parse(payload, keys, meta_keys):
     return texts, tuple(_scalar(rec, k) for k in meta_keys)
 
 
-def _records(task) -> tuple[list, list | None, object, int]:
-    """A task's records: (payloads, their line numbers or None, r -> payload to re-parse for an
-    error message, blank lines).
+def _records(task) -> tuple[list, list, object, int]:
+    """A task's records: (payloads, their line numbers, r -> payload to re-parse for an error
+    message, blank lines).
 
     A :class:`LineRange` is read here, in the worker, and a :class:`LineBlock` split into
     lines here; their lines come without their newline,
@@ -230,7 +230,7 @@ def _records(task) -> tuple[list, list | None, object, int]:
     elif isinstance(task, LineBlock):
         lines, ends_with_newline = split_lines(task.data)
     else:  # Parquet rows
-        return task, None, task.__getitem__, 0
+        return task.rows, task.nums, task.rows.__getitem__, 0
     first, last = task.first, task.first + len(lines) - 1
     nums = [first + i for i, line in enumerate(lines) if line and not line.isspace()]
     payloads = [lines[n - first] for n in nums]
@@ -395,9 +395,9 @@ def _results(cfg: PreprocessConfig, spec: dict, tok, todo, files: list[str]):
     _W.update(spec, tok=tok)  # forked workers inherit it (see _init_worker)
     try:
         if cfg.workers == 1:
-            for fi, nums, task in todo:
+            for fi, task in todo:
                 result = _encode_task(task)
-                yield fi, result[4] if nums is None else nums, result
+                yield fi, result[4], result
             return
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         # Forked workers share the parent's heap (torch, megatron, ... when imported)
@@ -409,12 +409,12 @@ def _results(cfg: PreprocessConfig, spec: dict, tok, todo, files: list[str]):
         try:
             with WorkerPool(cfg.workers, _init_worker, _encode_task, spec,
                             start_method=method) as pool:
-                inflight: deque = deque()  # (task number, file index, line numbers, task)
+                inflight: deque = deque()  # (task number, file index, task)
                 sizes: deque = deque()  # input bytes of each task in flight
                 budget, held = _INFLIGHT_BYTES * cfg.workers, 0
-                for n, (fi, nums, task) in enumerate(todo):
+                for n, (fi, task) in enumerate(todo):
                     pool.submit(n, task)
-                    inflight.append((n, fi, nums, task))
+                    inflight.append((n, fi, task))
                     sizes.append(_task_bytes(task))
                     held += sizes[-1]
                     while held >= budget:
@@ -445,7 +445,7 @@ def _close_fds() -> None:
 
 
 def _collect(cfg: PreprocessConfig, pool: WorkerPool, inflight: deque, files: list[str]):
-    n, fi, nums, _ = inflight[0]
+    n, fi, _ = inflight[0]
     try:
         result = pool.result(n)
     except WorkerDied as exc:
@@ -453,16 +453,15 @@ def _collect(cfg: PreprocessConfig, pool: WorkerPool, inflight: deque, files: li
     except WorkerFailed as exc:
         raise PreprocessError(f"{files[fi]}: tokenizer {exc}") from None
     inflight.popleft()
-    return fi, result[4] if nums is None else nums, result
+    return fi, result[4], result
 
 
 def _worker_died_message(cfg: PreprocessConfig, exc: WorkerDied, inflight, files) -> str:
-    lost = [(fi, nums, task) for n, fi, nums, task in inflight if n in exc.lost]
+    lost = [(fi, task) for n, fi, task in inflight if n in exc.lost]
     where = ""
     if lost:
-        fi, nums, task = lost[0]
-        first = nums[0] if nums else task.first
-        where = f" while tokenising {_loc(files[fi], first, is_parquet(files[fi]))} onwards"
+        fi, task = lost[0]
+        where = f" while tokenising {_loc(files[fi], task.first, is_parquet(files[fi]))} onwards"
     if exc.exitcode == -signal.SIGKILL:
         hint = ("SIGKILL is what the kernel's out-of-memory killer sends (see dmesg or the job's "
                 f"memory limit): rerun with fewer --workers (this run: {cfg.workers}) or a smaller "

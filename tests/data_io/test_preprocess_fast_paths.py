@@ -64,3 +64,27 @@ def test_forked_worker_reuses_the_parents_tokenizer(monkeypatch):
     assert loaded == [("/y/tokenizer.json",)] and preprocess._W["tok"] == "tok"
     preprocess._init_worker({**spec, "path": "/y/tokenizer.json", "engine": "tokenizers"})
     assert len(loaded) == 2  # the same file through another engine is another tokenizer
+
+
+def test_a_dead_worker_is_located_at_its_first_lost_task(tmp_path):
+    """The message names the first line (or Parquet row) of the first task the worker held,
+    whatever the kind of task."""
+    import signal
+    from collections import deque
+
+    from megasyne.data.corpus_reader import LineBlock, LineRange, RowBatch
+    from megasyne.data.preprocess_pool import WorkerDied
+
+    cfg = preprocess.PreprocessConfig(inputs=["x"], output_prefix="p", tokenizer="t", workers=2)
+    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet"), str(tmp_path / "c.jsonl.gz")]
+    for path, head in zip(files, (b"{}\n", b"PAR1", b"\x1f\x8b")):  # kinds are told by content
+        open(path, "wb").write(head)
+    inflight = deque([(3, 0, LineRange(files[0], 40, 0, 9)), (4, 1, RowBatch([7, 8], [{}, {}])),
+                      (5, 2, LineBlock(files[2], 12, b"{}\n"))])
+    died = WorkerDied(99, -signal.SIGKILL, lost=[4, 5])
+    assert f"{files[1]}: row 7 onwards" in preprocess._worker_died_message(cfg, died, inflight,
+                                                                           files)
+    died.lost = [5, 3]
+    assert f"{files[0]}:40 onwards" in preprocess._worker_died_message(cfg, died, inflight, files)
+    died.lost = [5]
+    assert f"{files[2]}:12 onwards" in preprocess._worker_died_message(cfg, died, inflight, files)
