@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "examples" / "tiny" / "data"
 PAGES = ROOT / "examples" / "syne" / "data" / "science_pages.jsonl"
 SEQ, G, STAGE1, STAGE2 = 64, 8, 6, 4  # steps per stage
+BENCH_QUESTION = ("A bat and a ball cost $1.10 in total. The bat costs $1.00 more than the ball. "
+                  "How much does the ball cost?")
 
 
 def run(cmd: list, threads: int = 1, **kw) -> subprocess.CompletedProcess:
@@ -112,10 +114,15 @@ def main() -> int:
     # 8 answers in one batch, decoded until the longest ends: most never end before the limit,
     # so the limit sets the time. 128 keeps the same 2 pairs as 160 on the development machine
     # (57 and 113 tokens; sampling draws the same tokens under any limit).
+    # Pairs that overlap a benchmark are dropped (decontamination); the toy's benchmark is one
+    # famous reasoning question small models like to reproduce. Dropped answers are kept in
+    # rejects.jsonl with their reason (tests/syne/test_synth_smollm2.py reads both).
     qa = out / "synth" / "qa.jsonl"
+    bench = write_jsonl(out / "bench.jsonl", [{"question": BENCH_QUESTION}])
     tool("synth_qa.py", "--pages", PAGES, "--output", qa, "--hf-model", smol,
          "--snippet-chars", 400, "--min-snippet-chars", 100, "--snippets-per-page", 1,
-         "--samples", 2, "--max-tokens", 128, "--batch-size", 8, "--no-progress")
+         "--samples", 2, "--max-tokens", 128, "--batch-size", 8, "--benchmark", bench,
+         "--rejects", out / "synth" / "rejects.jsonl", "--no-progress")
     kept = [line for line in qa.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not kept:
         raise SystemExit(f"synth_qa kept no pair in {qa}: stage II has no synthetic data")
