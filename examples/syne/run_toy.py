@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,20 +33,48 @@ BENCH_QUESTION = ("A bat and a ball cost $1.10 in total. The bat costs $1.00 mor
                   "How much does the ball cost?")
 
 
+def _env(threads: int) -> dict:
+    """``threads`` is the command's OMP_NUM_THREADS unless the caller set one."""
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)),
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
 def run(cmd: list, threads: int = 1, **kw) -> subprocess.CompletedProcess:
-    """Run one documented command; ``threads`` is its OMP_NUM_THREADS unless the caller set one
-    (1 for the training runs: torchrun starts one process per core)."""
+    """Run one documented command (1 thread for the training runs: torchrun starts one process
+    per core)."""
     cmd = [str(c) for c in cmd]
     print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run(cmd, check=True, cwd=ROOT, env=env, **kw)
+    return subprocess.run(cmd, check=True, cwd=ROOT, env=_env(threads), **kw)
 
 
 def tool(name: str, *args) -> subprocess.CompletedProcess:
     # One process: every core (QA generation with SmolLM2 on 2 cores, at 160 new tokens then:
     # 53 s instead of 70 s).
     return run([sys.executable, f"tools/{name}", *args], threads=os.cpu_count() or 1)
+
+
+def tools_at_once(calls: list[tuple]) -> None:
+    """Run independent tool commands, each ``(name, *args)``, at the same time with one thread
+    each; print their outputs in order, then fail if one failed. A toy-sized tool run is mostly
+    Python imports, on one core: on 2 cores, two at once take about the time of one."""
+    started = []
+    for name, *args in calls:
+        cmd = [sys.executable, f"tools/{name}", *map(str, args)]
+        print("$", " ".join(cmd), flush=True)
+        log = tempfile.TemporaryFile("w+", encoding="utf-8")
+        started.append((cmd, log, subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=log,
+                                                   stderr=subprocess.STDOUT, text=True)))
+    failed = None
+    for cmd, log, proc in started:
+        rc = proc.wait()
+        log.seek(0)
+        sys.stdout.write(log.read())
+        log.close()
+        if rc != 0 and failed is None:
+            failed = subprocess.CalledProcessError(rc, cmd)
+    sys.stdout.flush()
+    if failed is not None:
+        raise failed
 
 
 def write_jsonl(path: Path, docs: list[dict]) -> Path:
@@ -83,32 +112,38 @@ def main() -> int:
             vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
             rope_theta=10000.0)).save_pretrained(base_hf)
-        tool("convert_hf.py", "hf-to-megasyne", "--hf-dir", base_hf, "--output", base,
-             "--no-progress")
+        convert = [("convert_hf.py", "hf-to-megasyne", "--hf-dir", base_hf, "--output", base,
+                    "--no-progress")]
+    else:
+        convert = []
 
-    print("\n=== 1. preprocess: web (verse + science pages), book (drama), zh web (poetry)")
+    # Steps that do not need each other's output run at the same time (tools_at_once).
+    print("\n=== 1. preprocess: web (verse + science pages), book (drama), zh web (poetry)"
+          + (", beside the base model's conversion" if convert else ""))
     raw, data = out / "raw", out / "data"
     pages = [json.loads(line) for line in PAGES.read_text(encoding="utf-8").splitlines()]
     sources = {"en_web": first_docs("en_verse", 12) + [{"text": p["text"]} for p in pages],
                "en_book": first_docs("en_drama", 4), "zh_web": first_docs("zh_poetry", 40)}
-    for name, docs in sources.items():
-        if not (data / f"{name}_text_document.idx").exists():
-            tool("preprocess_data.py", "--input", write_jsonl(raw / f"{name}.jsonl", docs),
-                 "--json-keys", "text", "--tokenizer-model", tokenizer, "--append-eod",
-                 "--output-prefix", data / name, "--no-progress")
+    tools_at_once(convert + [
+        ("preprocess_data.py", "--input", write_jsonl(raw / f"{name}.jsonl", docs),
+         "--json-keys", "text", "--tokenizer-model", tokenizer, "--append-eod",
+         "--output-prefix", data / name, "--no-progress")
+        for name, docs in sources.items() if not (data / f"{name}_text_document.idx").exists()])
 
-    print("\n=== 2. perplexity of every web document under the base model (the curriculum)")
-    for name in ("en_web", "zh_web"):
-        tool("score_ppl.py", "--data-prefix", data / f"{name}_text_document", "--checkpoint", base,
-             "--window", SEQ, "--batch-size", 8, "--state-dir", out / "ppl_state" / name,
-             "--no-progress")
+    print("\n=== 2. perplexity of every web document under the base model (the curriculum),\n"
+          "       beside the training of the topic classifiers of step 3")
+    langs = (("en", "en_web"), ("zh", "zh_web"))
+    tools_at_once([
+        ("score_ppl.py", "--data-prefix", data / f"{name}_text_document", "--checkpoint", base,
+         "--window", SEQ, "--batch-size", 8, "--state-dir", out / "ppl_state" / name,
+         "--no-progress") for _, name in langs] + [
+        ("label_topics.py", "train", "--lang", lang, "--out", out / "heads" / lang)
+        for lang, _ in langs if not (out / "heads" / lang).exists()])
 
     print("\n=== 3. one topic per web document")
-    for lang, name in (("en", "en_web"), ("zh", "zh_web")):
-        if not (out / "heads" / lang).exists():
-            tool("label_topics.py", "train", "--lang", lang, "--out", out / "heads" / lang)
-        tool("label_topics.py", "label", "--head", out / "heads" / lang, "--tokenizer", tokenizer,
-             "--data-prefix", data / f"{name}_text_document", "--no-progress")
+    tools_at_once([("label_topics.py", "label", "--head", out / "heads" / lang, "--tokenizer",
+                    tokenizer, "--data-prefix", data / f"{name}_text_document", "--no-progress")
+                   for lang, name in langs])
 
     print("\n=== 4. synthetic science QA from the science pages (SmolLM2-135M-Instruct)")
     # 8 answers in one batch, decoded until the longest ends: most never end before the limit,
