@@ -53,10 +53,10 @@ def tool(name: str, *args) -> subprocess.CompletedProcess:
     return run([sys.executable, f"tools/{name}", *args], threads=os.cpu_count() or 1)
 
 
-def tools_at_once(calls: list[tuple]) -> None:
-    """Run independent tool commands, each ``(name, *args)``, at the same time with one thread
-    each; print their outputs in order, then fail if one failed. A toy-sized tool run is mostly
-    Python imports, on one core: on 2 cores, two at once take about the time of one."""
+def start_tools(calls: list[tuple]) -> list:
+    """Start independent tool commands, each ``(name, *args)``, at the same time with one thread
+    each; ``finish`` waits for them. A toy-sized tool run is mostly Python imports, on one core:
+    on 2 cores, two at once take about the time of one."""
     started = []
     for name, *args in calls:
         cmd = [sys.executable, f"tools/{name}", *map(str, args)]
@@ -64,6 +64,11 @@ def tools_at_once(calls: list[tuple]) -> None:
         log = tempfile.TemporaryFile("w+", encoding="utf-8")
         started.append((cmd, log, subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=log,
                                                    stderr=subprocess.STDOUT, text=True)))
+    return started
+
+
+def finish(started: list) -> None:
+    """Wait for what ``start_tools`` started; print the outputs in order, then fail if one failed."""
     failed = None
     for cmd, log, proc in started:
         rc = proc.wait()
@@ -101,6 +106,24 @@ def main() -> int:
     smol = Path(run([sys.executable, "tools/prepare_smollm2.py"], capture_output=True,
                     text=True).stdout.strip().splitlines()[-1])
     tokenizer = smol / "tokenizer.json"
+    # Steps that do not need each other's output run at the same time (start_tools): step 1's
+    # preprocessing and the training of step 3's topic classifiers start now, beside the base
+    # model's making and conversion; then steps 2 and 3 (different fields of one sidecar, which
+    # takes concurrent writers: megasyne/data/metadata.py).
+    raw, data = out / "raw", out / "data"
+    pages = [json.loads(line) for line in PAGES.read_text(encoding="utf-8").splitlines()]
+    sources = {"en_web": first_docs("en_verse", 12) + [{"text": p["text"]} for p in pages],
+               "en_book": first_docs("en_drama", 4), "zh_web": first_docs("zh_poetry", 40)}
+    langs = (("en", "en_web"), ("zh", "zh_web"))
+    print("\n=== 1. preprocess: web (verse + science pages), book (drama), zh web (poetry); the\n"
+          "       topic classifiers of step 3; beside them, the toy base model and its conversion")
+    early = start_tools([
+        ("preprocess_data.py", "--input", write_jsonl(raw / f"{name}.jsonl", docs),
+         "--json-keys", "text", "--tokenizer-model", tokenizer, "--append-eod",
+         "--output-prefix", data / name, "--no-progress")
+        for name, docs in sources.items() if not (data / f"{name}_text_document.idx").exists()] + [
+        ("label_topics.py", "train", "--lang", lang, "--out", out / "heads" / lang)
+        for lang, _ in langs if not (out / "heads" / lang).exists()])
     base_hf, base = out / "base_hf", out / "checkpoints" / "base"
     if not base.exists():
         import torch
@@ -112,38 +135,20 @@ def main() -> int:
             vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
             rope_theta=10000.0)).save_pretrained(base_hf)
-        convert = [("convert_hf.py", "hf-to-megasyne", "--hf-dir", base_hf, "--output", base,
-                    "--no-progress")]
-    else:
-        convert = []
+        run([sys.executable, "tools/convert_hf.py", "hf-to-megasyne", "--hf-dir", base_hf,
+             "--output", base, "--no-progress"])
 
-    # Steps that do not need each other's output run at the same time (tools_at_once).
-    print("\n=== 1. preprocess: web (verse + science pages), book (drama), zh web (poetry)"
-          + (", beside the base model's conversion" if convert else ""))
-    raw, data = out / "raw", out / "data"
-    pages = [json.loads(line) for line in PAGES.read_text(encoding="utf-8").splitlines()]
-    sources = {"en_web": first_docs("en_verse", 12) + [{"text": p["text"]} for p in pages],
-               "en_book": first_docs("en_drama", 4), "zh_web": first_docs("zh_poetry", 40)}
-    tools_at_once(convert + [
-        ("preprocess_data.py", "--input", write_jsonl(raw / f"{name}.jsonl", docs),
-         "--json-keys", "text", "--tokenizer-model", tokenizer, "--append-eod",
-         "--output-prefix", data / name, "--no-progress")
-        for name, docs in sources.items() if not (data / f"{name}_text_document.idx").exists()])
+    finish(early)
 
     print("\n=== 2. perplexity of every web document under the base model (the curriculum),\n"
-          "       beside the training of the topic classifiers of step 3")
-    langs = (("en", "en_web"), ("zh", "zh_web"))
-    tools_at_once([
+          "    and 3. one topic per web document")
+    finish(start_tools([
         ("score_ppl.py", "--data-prefix", data / f"{name}_text_document", "--checkpoint", base,
          "--window", SEQ, "--batch-size", 8, "--state-dir", out / "ppl_state" / name,
          "--no-progress") for _, name in langs] + [
-        ("label_topics.py", "train", "--lang", lang, "--out", out / "heads" / lang)
-        for lang, _ in langs if not (out / "heads" / lang).exists()])
-
-    print("\n=== 3. one topic per web document")
-    tools_at_once([("label_topics.py", "label", "--head", out / "heads" / lang, "--tokenizer",
-                    tokenizer, "--data-prefix", data / f"{name}_text_document", "--no-progress")
-                   for lang, name in langs])
+        ("label_topics.py", "label", "--head", out / "heads" / lang, "--tokenizer", tokenizer,
+         "--data-prefix", data / f"{name}_text_document", "--no-progress")
+        for lang, name in langs]))
 
     print("\n=== 4. synthetic science QA from the science pages (SmolLM2-135M-Instruct)")
     # 8 answers in one batch, decoded until the longest ends: most never end before the limit,
