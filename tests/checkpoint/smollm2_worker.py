@@ -1,4 +1,4 @@
-"""SmolLM2 worker for test_smollm2.py (plain process, TP1).
+"""SmolLM2 worker for test_smollm2.py (TP1; its main() runs in the test process).
 
 Usage: smollm2_worker.py HF_DIR OUT MS_ROOT [MS_ROOT ...]
 Loads every MS_ROOT (conversions of HF_DIR) into an fp32 TP1 model and runs it on TEXT; saves
