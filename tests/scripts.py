@@ -1,4 +1,5 @@
-"""Import a repository script (``tools/*.py``, ``benchmarks/*.py``) as a module, by file path.
+"""Import a repository script (``tools/*.py``, ``benchmarks/*.py``) as a module, by file path, or
+run it in a child process (``run_tool``).
 
 Scripts are not packages: putting their folder on ``sys.path`` would let any module name there
 shadow an installed one for the rest of the test session. Loading by path touches nothing but
@@ -9,6 +10,8 @@ look a class's module up there).
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -39,3 +42,13 @@ def load_script(path: str | Path, name: str | None = None) -> ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def run_tool(*cmd, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a repository script with the test interpreter; fail with its output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, *map(str, cmd)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,22 +29,57 @@ ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "examples" / "tiny" / "data"
 PAGES = ROOT / "examples" / "syne" / "data" / "science_pages.jsonl"
 SEQ, G, STAGE1, STAGE2 = 64, 8, 6, 4  # steps per stage
+BENCH_QUESTION = ("A bat and a ball cost $1.10 in total. The bat costs $1.00 more than the ball. "
+                  "How much does the ball cost?")
+
+
+def _env(threads: int) -> dict:
+    """``threads`` is the command's OMP_NUM_THREADS unless the caller set one."""
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)),
+                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
 def run(cmd: list, threads: int = 1, **kw) -> subprocess.CompletedProcess:
-    """Run one documented command; ``threads`` is its OMP_NUM_THREADS unless the caller set one
-    (1 for the training runs: torchrun starts one process per core)."""
+    """Run one documented command (1 thread for the training runs: torchrun starts one process
+    per core)."""
     cmd = [str(c) for c in cmd]
     print("$", " ".join(cmd), flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    return subprocess.run(cmd, check=True, cwd=ROOT, env=env, **kw)
+    return subprocess.run(cmd, check=True, cwd=ROOT, env=_env(threads), **kw)
 
 
 def tool(name: str, *args) -> subprocess.CompletedProcess:
     # One process: every core (QA generation with SmolLM2 on 2 cores, at 160 new tokens then:
     # 53 s instead of 70 s).
     return run([sys.executable, f"tools/{name}", *args], threads=os.cpu_count() or 1)
+
+
+def start_tools(calls: list[tuple]) -> list:
+    """Start independent tool commands, each ``(name, *args)``, at the same time with one thread
+    each; ``finish`` waits for them. A toy-sized tool run is mostly Python imports, on one core:
+    on 2 cores, two at once take about the time of one."""
+    started = []
+    for name, *args in calls:
+        cmd = [sys.executable, f"tools/{name}", *map(str, args)]
+        print("$", " ".join(cmd), flush=True)
+        log = tempfile.TemporaryFile("w+", encoding="utf-8")
+        started.append((cmd, log, subprocess.Popen(cmd, cwd=ROOT, env=_env(1), stdout=log,
+                                                   stderr=subprocess.STDOUT, text=True)))
+    return started
+
+
+def finish(started: list) -> None:
+    """Wait for what ``start_tools`` started; print the outputs in order, then fail if one failed."""
+    failed = None
+    for cmd, log, proc in started:
+        rc = proc.wait()
+        log.seek(0)
+        sys.stdout.write(log.read())
+        log.close()
+        if rc != 0 and failed is None:
+            failed = subprocess.CalledProcessError(rc, cmd)
+    sys.stdout.flush()
+    if failed is not None:
+        raise failed
 
 
 def write_jsonl(path: Path, docs: list[dict]) -> Path:
@@ -70,6 +106,24 @@ def main() -> int:
     smol = Path(run([sys.executable, "tools/prepare_smollm2.py"], capture_output=True,
                     text=True).stdout.strip().splitlines()[-1])
     tokenizer = smol / "tokenizer.json"
+    # Steps that do not need each other's output run at the same time (start_tools): step 1's
+    # preprocessing and the training of step 3's topic classifiers start now, beside the base
+    # model's making and conversion; then steps 2 and 3 (different fields of one sidecar, which
+    # takes concurrent writers: megasyne/data/metadata.py).
+    raw, data = out / "raw", out / "data"
+    pages = [json.loads(line) for line in PAGES.read_text(encoding="utf-8").splitlines()]
+    sources = {"en_web": first_docs("en_verse", 12) + [{"text": p["text"]} for p in pages],
+               "en_book": first_docs("en_drama", 4), "zh_web": first_docs("zh_poetry", 40)}
+    langs = (("en", "en_web"), ("zh", "zh_web"))
+    print("\n=== 1. preprocess: web (verse + science pages), book (drama), zh web (poetry); the\n"
+          "       topic classifiers of step 3; beside them, the toy base model and its conversion")
+    early = start_tools([
+        ("preprocess_data.py", "--input", write_jsonl(raw / f"{name}.jsonl", docs),
+         "--json-keys", "text", "--tokenizer-model", tokenizer, "--append-eod",
+         "--output-prefix", data / name, "--no-progress")
+        for name, docs in sources.items() if not (data / f"{name}_text_document.idx").exists()] + [
+        ("label_topics.py", "train", "--lang", lang, "--out", out / "heads" / lang)
+        for lang, _ in langs if not (out / "heads" / lang).exists()])
     base_hf, base = out / "base_hf", out / "checkpoints" / "base"
     if not base.exists():
         import torch
@@ -81,41 +135,34 @@ def main() -> int:
             vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
             rope_theta=10000.0)).save_pretrained(base_hf)
-        tool("convert_hf.py", "hf-to-megasyne", "--hf-dir", base_hf, "--output", base,
-             "--no-progress")
+        run([sys.executable, "tools/convert_hf.py", "hf-to-megasyne", "--hf-dir", base_hf,
+             "--output", base, "--no-progress"])
 
-    print("\n=== 1. preprocess: web (verse + science pages), book (drama), zh web (poetry)")
-    raw, data = out / "raw", out / "data"
-    pages = [json.loads(line) for line in PAGES.read_text(encoding="utf-8").splitlines()]
-    sources = {"en_web": first_docs("en_verse", 12) + [{"text": p["text"]} for p in pages],
-               "en_book": first_docs("en_drama", 4), "zh_web": first_docs("zh_poetry", 40)}
-    for name, docs in sources.items():
-        if not (data / f"{name}_text_document.idx").exists():
-            tool("preprocess_data.py", "--input", write_jsonl(raw / f"{name}.jsonl", docs),
-                 "--json-keys", "text", "--tokenizer-model", tokenizer, "--append-eod",
-                 "--output-prefix", data / name, "--no-progress")
+    finish(early)
 
-    print("\n=== 2. perplexity of every web document under the base model (the curriculum)")
-    for name in ("en_web", "zh_web"):
-        tool("score_ppl.py", "--data-prefix", data / f"{name}_text_document", "--checkpoint", base,
-             "--window", SEQ, "--batch-size", 8, "--state-dir", out / "ppl_state" / name,
-             "--no-progress")
-
-    print("\n=== 3. one topic per web document")
-    for lang, name in (("en", "en_web"), ("zh", "zh_web")):
-        if not (out / "heads" / lang).exists():
-            tool("label_topics.py", "train", "--lang", lang, "--out", out / "heads" / lang)
-        tool("label_topics.py", "label", "--head", out / "heads" / lang, "--tokenizer", tokenizer,
-             "--data-prefix", data / f"{name}_text_document", "--no-progress")
+    print("\n=== 2. perplexity of every web document under the base model (the curriculum),\n"
+          "    and 3. one topic per web document")
+    finish(start_tools([
+        ("score_ppl.py", "--data-prefix", data / f"{name}_text_document", "--checkpoint", base,
+         "--window", SEQ, "--batch-size", 8, "--state-dir", out / "ppl_state" / name,
+         "--no-progress") for _, name in langs] + [
+        ("label_topics.py", "label", "--head", out / "heads" / lang, "--tokenizer", tokenizer,
+         "--data-prefix", data / f"{name}_text_document", "--no-progress")
+        for lang, name in langs]))
 
     print("\n=== 4. synthetic science QA from the science pages (SmolLM2-135M-Instruct)")
     # 8 answers in one batch, decoded until the longest ends: most never end before the limit,
     # so the limit sets the time. 128 keeps the same 2 pairs as 160 on the development machine
     # (57 and 113 tokens; sampling draws the same tokens under any limit).
+    # Pairs that overlap a benchmark are dropped (decontamination); the toy's benchmark is one
+    # famous reasoning question small models like to reproduce. Dropped answers are kept in
+    # rejects.jsonl with their reason (tests/syne/test_synth_smollm2.py reads both).
     qa = out / "synth" / "qa.jsonl"
+    bench = write_jsonl(out / "bench.jsonl", [{"question": BENCH_QUESTION}])
     tool("synth_qa.py", "--pages", PAGES, "--output", qa, "--hf-model", smol,
          "--snippet-chars", 400, "--min-snippet-chars", 100, "--snippets-per-page", 1,
-         "--samples", 2, "--max-tokens", 128, "--batch-size", 8, "--no-progress")
+         "--samples", 2, "--max-tokens", 128, "--batch-size", 8, "--benchmark", bench,
+         "--rejects", out / "synth" / "rejects.jsonl", "--no-progress")
     kept = [line for line in qa.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not kept:
         raise SystemExit(f"synth_qa kept no pair in {qa}: stage II has no synthetic data")

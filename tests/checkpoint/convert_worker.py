@@ -1,8 +1,7 @@
-"""Conversion worker for test_convert.py (one plain launch, one torchrun launch).
+"""Conversion worker for test_convert.py (one torchrun launch; the test process itself converts
+OUT/hf/CASE -> OUT/ms/CASE with the streaming single-process path first).
 
 Usage:
-  convert_worker.py convert OUT CASE [CASE ...]     plain process: the streaming
-      single-process HF -> megasyne path, OUT/hf/CASE -> OUT/ms/CASE
   convert_worker.py layouts OUT SPEC [SPEC ...]     under torchrun (4 ranks), SPEC =
       convert:CASE:TP:PP  HF -> megasyne written by a TPxPP job -> OUT/ms_tp{TP}pp{PP}/CASE
       load:CASE:TP:PP     load OUT/ms/CASE at TPxPP (DP = 4/(TP*PP)) into an fp32 model whose
@@ -23,11 +22,6 @@ import torch.distributed as dist
 import megasyne  # noqa: F401  (sets TRITON_INTERPRET before megatron imports triton)
 from megasyne.checkpoint.hf_convert import hf_to_megasyne
 from tests.checkpoint.hf_models import seq_length, tokens
-
-
-def convert(out: Path, cases: list[str]) -> None:
-    for case in cases:
-        hf_to_megasyne(out / "hf" / case, out / "ms" / case, progress=False)
 
 
 def _merge_ranks(mine: dict | None) -> dict:
@@ -155,7 +149,6 @@ def layouts(out: Path, specs: list[str]) -> None:
 
 if __name__ == "__main__":
     mode, out_dir, rest = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    if mode == "convert":
-        convert(out_dir, rest)
-    else:
-        layouts(out_dir, rest)
+    if mode != "layouts":
+        sys.exit(f"convert_worker.py: unknown mode {mode!r} (layouts only)")
+    layouts(out_dir, rest)

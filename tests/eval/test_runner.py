@@ -19,8 +19,8 @@ from megasyne.eval.runner import (
     write_results,
 )
 from megasyne.eval.tasks import EvalConfigError, load_task_file
-from tests.eval.conftest import run_tool
 from tests.launch import REPO_ROOT
+from tests.scripts import run_tool
 
 
 def fake_score_fn(sequences, starts):

@@ -25,7 +25,6 @@ from megasyne.eval.lm import hf_model_scorer
 from megasyne.eval.runner import evaluate, read_results, run_tasks
 from megasyne.eval.tasks import TaskSpec, load_task_file
 from megasyne.scorers import score_fn
-from tests.eval.conftest import run_tool
 from tests.eval.megatron_worker import IN_TRAINING_ITEMS, IN_TRAINING_TASKS
 from tests.launch import REPO_ROOT
 
@@ -46,15 +45,14 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_hf, fixture_tasks, tmp_path_factory):
+def smol(smollm2_hf, smollm2_megasyne, fixture_tasks, tmp_path_factory):
+    # smollm2_megasyne (tests/conftest.py): tools/convert_hf.py hf-to-megasyne --tp 1 of smollm2_hf
     out = tmp_path_factory.mktemp("smol_eval")
-    run_tool("tools/convert_hf.py", "hf-to-megasyne", "--hf-dir", smollm2_hf, "--output", out / "ms",
-             "--tp", "1", "--no-progress")
     # The Megatron side runs in a child process (one thread) while this one runs the HF
     # original: the two share the 2 cores instead of waiting for each other.
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    worker = subprocess.Popen([sys.executable, "tests/eval/megatron_worker.py", str(out / "ms"),
+    worker = subprocess.Popen([sys.executable, "tests/eval/megatron_worker.py", str(smollm2_megasyne),
                                str(fixture_tasks), str(out)], cwd=REPO_ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -65,8 +63,8 @@ def smol(smollm2_hf, fixture_tasks, tmp_path_factory):
         log, _ = worker.communicate(timeout=600)
     assert worker.returncode == 0, f"megatron_worker.py failed:\n{log[-8000:]}"
     return dict(hf=hf, megatron=read_results(out / "megatron.json"), scorer=scorer, specs=specs,
-                in_training=json.loads((out / "in_training.json").read_text()), out=out,
-                hf_dir=smollm2_hf)
+                in_training=json.loads((out / "in_training.json").read_text()),
+                ms=smollm2_megasyne, hf_dir=smollm2_hf)
 
 
 def test_megasyne_checkpoint_scores_equal_the_hf_original(smol):
@@ -95,7 +93,7 @@ def test_megasyne_checkpoint_scores_equal_the_hf_original(smol):
 def test_exported_checkpoint_is_identical(smol, tmp_path):
     from megasyne.checkpoint.hf_convert import megasyne_to_hf
 
-    exported = megasyne_to_hf(smol["out"] / "ms", tmp_path / "hf", tokenizer_dir=smol["hf_dir"],
+    exported = megasyne_to_hf(smol["ms"], tmp_path / "hf", tokenizer_dir=smol["hf_dir"],
                               progress=False)
     specs = [dataclasses.replace(s, max_items=1) for s in smol["specs"] if s.name in ("mmlu", "gsm8k")]
     got = run_tasks(hf_model_scorer(exported), specs)

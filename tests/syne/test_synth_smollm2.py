@@ -11,14 +11,14 @@ limit is 128, not more: the batch decodes until its longest answer ends, and 6 a
 before the limit, so each token of limit is a decoding step for all 8 (CI time). Sampling draws the
 same tokens under any limit, so a lower limit only turns answers longer than it into `truncated`:
 at 128 the same 2 answers are kept as at 160.
+
+The run checked is the QA step of examples/syne/run_toy.py (the session fixture ``syne_toy``):
+the toy recipe needs the same generation, so CI decodes it once.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -29,38 +29,25 @@ PAGES = REPO_ROOT / "examples/syne/data/science_pages.jsonl"
 UNPARSED = {"truncated", "no_problem", "no_solution"}
 
 
-def _smollm2_dir() -> str:
-    spec = importlib.util.spec_from_file_location("prepare_smollm2",
-                                                  REPO_ROOT / "tools/prepare_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.prepare())
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("synth_smol")
-    bench = tmp / "bench.jsonl"  # a famous reasoning item small models like to reproduce
-    bench.write_text(json.dumps({"question": "A bat and a ball cost $1.10 in total. The bat costs "
-                                             "$1.00 more than the ball. How much does the ball cost?"})
-                     + "\n")
-    out = tmp / "qa.jsonl"
-    proc = subprocess.run(
-        [sys.executable, "tools/synth_qa.py", "--pages", str(PAGES), "--output", str(out),
-         "--hf-model", _smollm2_dir(), "--snippet-chars", "400", "--min-snippet-chars", "100",
-         "--snippets-per-page", "1", "--samples", "2", "--max-tokens", "128", "--batch-size", "8",
-         "--benchmark", str(bench), "--rejects", str(tmp / "rejects.jsonl"), "--no-progress"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+def run(syne_toy):
+    """The QA step of examples/syne/run_toy.py (session fixture, tests/syne/conftest.py):
+    tools/synth_qa.py --pages PAGES --hf-model SmolLM2 --snippet-chars 400 --min-snippet-chars 100
+    --snippets-per-page 1 --samples 2 --max-tokens 128 --batch-size 8 --benchmark bench.jsonl
+    --rejects rejects.jsonl, on a fresh output; its report is the one it printed, also written
+    to <output>.report.json."""
+    out = syne_toy / "synth" / "qa.jsonl"
+    report = json.loads(out.with_name(out.name + ".report.json").read_text())
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    rejects = [json.loads(line) for line in (tmp / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (out.parent / "rejects.jsonl").read_text().splitlines()]
     return dict(report=report, records=records, rejects=rejects)
 
 
 def test_every_answer_has_one_outcome(run):
     r = run["report"]
     assert (r["seeds"], r["snippets"], r["items"], r["pending"]) == (4, 4, 8, 0)
+    assert r["items_done_before"] == 0 and r["answers_from_journal"] == 0  # a fresh run
+    assert len(r["benchmarks"]) == 1 and r["contamination_items"] == 1  # the bench question
     assert r["this_run"]["requests"] == 8 and r["this_run"]["backend_errors"] == 0
     assert sum(r["total"].values()) == 8
     assert r["total"].get("kept", 0) == len(run["records"])
