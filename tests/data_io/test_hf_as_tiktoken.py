@@ -245,3 +245,22 @@ def test_preprocess_says_why_the_library_is_used(tmp_path, hf_tokenizer_path, ca
                                     tokenizer=hf_tokenizer_path, progress=False, log_interval=0))
     # BpeTrainer's merges are its training history, not every split: not a tiktoken conversion
     assert "encoded by the tokenizers library, not tiktoken" in capsys.readouterr().err
+
+
+def test_merges_written_as_strings_are_read_alike(tmp_path, converted, corpus):
+    """tokenizers < 0.20 wrote each merge as "left right" (Llama-3's own file does); newer
+    versions write [left, right]. Both are recognised."""
+    with open(converted) as f:
+        data = json.load(f)
+    assert isinstance(data["model"]["merges"][0], list)
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    tok, ref = load_tokenizer(path), library(str(path))
+    assert tok.engine == "tiktoken"
+    for text in corpus[:50] + HARD_TEXTS:
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False).ids
+    data["model"]["merges"][5] = "a b c"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="merge 5 is not a pair"):
+        load_tokenizer(path, engine="tiktoken")
