@@ -16,7 +16,8 @@ A spec may force the kind: ``"hf:PATH"``, ``"sentencepiece:PATH"`` (or ``sp:``),
 a directory resolves to its ``tokenizer.json``, else ``tokenizer.model``.
 
 ``encode(text)`` never adds special tokens and treats special-token *text* in the input as plain
-text (a web page quoting ``<|end_of_text|>`` must not end a document); BOS/EOD are added by the
+text (a web page quoting ``<|end_of_text|>`` must not end a document); it raises on a lone
+surrogate with every kind (no kind silently rewrites a document); BOS/EOD are added by the
 caller (``tools/preprocess_data.py --append-eod``). Nothing is ever downloaded.
 """
 
@@ -263,11 +264,7 @@ def _hf_by_tiktoken(path: str, data: dict, ranks, specials, pattern, eod, bos) -
 
     enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
                             special_tokens=specials)
-    # The public encode_ordinary replaces a lone surrogate with U+FFFD; the core raises, as the
-    # tokenizers library does, so such a document stays a bad line whichever engine runs.
-    core = getattr(enc, "_core_bpe", None)
-    encode = core.encode_ordinary if core is not None and hasattr(core, "encode_ordinary") \
-        else _strict(enc.encode_ordinary)
+    encode = _strict_encode_ordinary(enc)
     ids = {**data["model"]["vocab"], **specials}
     eod_cands, bos_cands = _hf_special_candidates(path)
     return Tokenizer(
@@ -277,10 +274,17 @@ def _hf_by_tiktoken(path: str, data: dict, ranks, specials, pattern, eod, bos) -
         _encode=encode, _decode=lambda ids_: enc.decode(ids_))
 
 
-def _strict(encode_ordinary):
+def _strict_encode_ordinary(enc):
+    """tiktoken's ``encode_ordinary``, raising on a lone surrogate as the tokenizers library and
+    sentencepiece do: the public method silently replaces it with U+FFFD, which would change a
+    document's text; raising makes it a bad line, named, whichever tokenizer file is used."""
+    core = getattr(enc, "_core_bpe", None)
+    if core is not None and hasattr(core, "encode_ordinary"):
+        return core.encode_ordinary  # the Rust core: str -> UTF-8 fails on a lone surrogate
+
     def encode(text: str) -> list[int]:
         text.encode("utf-8")  # raises UnicodeEncodeError on a lone surrogate
-        return encode_ordinary(text)
+        return enc.encode_ordinary(text)
     return encode
 
 
@@ -366,13 +370,15 @@ def _load_tiktoken(path: str, eod, bos) -> Tokenizer:
     enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=pattern, mergeable_ranks=ranks,
                             special_tokens=specials)
 
+    ordinary = _strict_encode_ordinary(enc)
+
     def encode(text: str) -> list[int]:
         if len(text) <= _TIKTOKEN_MAX_CHARS and not _LONG_RUN.search(text):
-            return enc.encode_ordinary(text)
+            return ordinary(text)
         out: list[int] = []
         for i in range(0, len(text), _TIKTOKEN_MAX_CHARS):
             for piece in _split_long_runs(text[i:i + _TIKTOKEN_MAX_CHARS]):
-                out.extend(enc.encode_ordinary(piece))
+                out.extend(ordinary(piece))
         return out
 
     ids = {**{t.decode("latin-1"): r for t, r in ranks.items()}, **specials}

@@ -158,13 +158,19 @@ def test_skip_bad_lines_counts_them(tmp_path, corpus, hf_tokenizer_path):
                    expected_docs(load_tokenizer(hf_tokenizer_path), kept))
 
 
-def test_text_the_tokenizer_refuses_is_a_bad_line(tmp_path, corpus, hf_tokenizer_path):
+@pytest.mark.parametrize("kind", ["hf", "sentencepiece", "tiktoken"])
+def test_text_the_tokenizer_refuses_is_a_bad_line(tmp_path, corpus, hf_tokenizer_path,
+                                                  sp_tokenizer_path, tiktoken_path, kind):
+    """A lone surrogate (json accepts the escape; it is no text) is refused by every kind:
+    tiktoken's public encode would replace it with U+FFFD, silently changing the document."""
+    tok = {"hf": hf_tokenizer_path, "sentencepiece": sp_tokenizer_path,
+           "tiktoken": tiktoken_path}[kind]
     records = [{"text": t} for t in corpus[:5]]
     records[2] = '{"text": "lone surrogate \\ud800"}\n'
     src = write_jsonl(tmp_path / "in.jsonl", records)
     with pytest.raises(PreprocessError, match="in.jsonl:3: tokenizer failed"):
-        run(tmp_path, src, hf_tokenizer_path)
-    r = run(tmp_path, src, hf_tokenizer_path, skip_bad_lines=True)["text"]
+        run(tmp_path, src, tok)
+    r = run(tmp_path, src, tok, skip_bad_lines=True)["text"]
     assert (r["docs"], r["skipped"]) == (4, 1)
 
 
