@@ -101,12 +101,12 @@ def _compression(path: str) -> str | None:
     return None
 
 
-def _open_decompressed(path: str):
-    """(format name, binary file of the decompressed bytes, errors a damaged stream raises)."""
-    kind = _compression(path)
+def _open_decompressed(path: str, kind: str):
+    """(binary file of the decompressed bytes, errors a damaged stream raises) of a file
+    compressed as ``kind`` (see :func:`_compression`)."""
     damaged = (EOFError, OSError)  # gzip.BadGzipFile and bz2's "Invalid data stream" are OSErrors
     if kind == "gzip":
-        return "gzip", gzip.open(path, "rb"), damaged + (zlib.error,)
+        return gzip.open(path, "rb"), damaged + (zlib.error,)
     if kind == "zstd":
         try:
             import zstandard
@@ -114,13 +114,13 @@ def _open_decompressed(path: str):
             raise PreprocessError(f"{path}: zstd-compressed, but the 'zstandard' package is not "
                                   "installed (pip install zstandard)") from None
         reader = io.BufferedReader(_ZstdFrames(path, zstandard), buffer_size=1 << 20)
-        return "zstd", reader, damaged + (zstandard.ZstdError,)
+        return reader, damaged + (zstandard.ZstdError,)
     if kind == "bzip2":
         import bz2
-        return "bzip2", bz2.open(path, "rb"), damaged
+        return bz2.open(path, "rb"), damaged
     if kind == "xz":
-        return "xz", lzma.open(path, "rb"), damaged + (lzma.LZMAError,)
-    return "text", open(path, "rb", buffering=1 << 20), (OSError,)
+        return lzma.open(path, "rb"), damaged + (lzma.LZMAError,)
+    raise ValueError(f"{path}: unknown compression {kind!r}")
 
 
 def is_parquet(path: str) -> bool:
@@ -231,12 +231,13 @@ def line_ranges(path: str, batch_lines: int, batch_bytes: int = _BATCH_BYTES):
             yield first, start, end
 
 
-def line_blocks(path: str, batch_lines: int, batch_bytes: int = _BATCH_BYTES):
-    """:class:`LineBlock` s of a compressed file's decompressed lines (see :func:`_cut_lines`).
+def line_blocks(path: str, kind: str, batch_lines: int, batch_bytes: int = _BATCH_BYTES):
+    """:class:`LineBlock` s of the decompressed lines of ``path``, compressed as ``kind`` (see
+    :func:`_cut_lines`).
 
     A truncated or corrupt stream raises a PreprocessError naming the file (see _damaged).
     """
-    kind, f, damaged = _open_decompressed(path)
+    f, damaged = _open_decompressed(path, kind)
     last = 0
     with f:
         try:
@@ -299,12 +300,12 @@ def batches(files: list[str], columns: list[str], batch_size: int):
                     nums, rows = [], []
             if rows:
                 yield fi, RowBatch(nums, rows)
-        elif _compression(path) is None:
+        elif (kind := _compression(path)) is None:
             try:
                 for first, start, end in line_ranges(path, batch_size):
                     yield fi, LineRange(path, first, start, end)
             except OSError as exc:
                 raise _damaged(path, "file", "while cutting it into batches", exc) from None
         else:
-            for block in line_blocks(path, batch_size):
+            for block in line_blocks(path, kind, batch_size):
                 yield fi, block

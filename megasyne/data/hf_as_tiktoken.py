@@ -41,6 +41,8 @@ replaces it with U+FFFD; megasyne.data.tokenizers calls tiktoken's core, which r
 
 from __future__ import annotations
 
+import numpy as np
+
 from megasyne.data.tokenizers import LLAMA3_PATTERN, TokenizerError
 
 # Patterns whose matches agree between the tokenizers library's regex engine (Oniguruma) and
@@ -107,11 +109,10 @@ def _merge_pairs(merges: list) -> list:
 
 def _check_merges(vocab: dict[str, int], merges: list) -> None:
     """The merges are every split of every token, ordered by (id(l + r), id(l), id(r))."""
-    import numpy as np
-
     pairs = _merge_pairs(merges)
     get = vocab.get
-    # Vectorised: a loop over Llama-3's 280,147 merges cost ~0.6 s of serial start-up.
+    # The order is compared with numpy: a comparison per merge in Python, over Llama-3's 280,147
+    # merges, took ~0.3 s of serial start-up.
     keys = np.array([(get(left + right, -1), get(left, -1), get(right, -1))
                      for left, right in pairs], dtype=np.int64).reshape(-1, 3)
     outside = np.flatnonzero((keys < 0).any(axis=1))

@@ -55,6 +55,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,6 +70,7 @@ from megasyne.data.corpus_reader import (
     LineBlock,
     LineRange,
     PreprocessError,
+    RowBatch,
     batches,
     expand_inputs,
     is_parquet,
@@ -275,9 +277,19 @@ def _parse_records(payloads: list, whole_line) -> tuple[list, list, list, list]:
     return rows, texts, meta, bad
 
 
-def _encode_task(task):
-    """One task (see corpus_reader.batches) -> (bad [(record, why)], lengths int64 [keys,
-    records], flats [keys] of tokens, meta [records], line numbers or None, blank lines)."""
+class _Encoded(NamedTuple):
+    """A worker's result for one task (see corpus_reader.batches)."""
+
+    bad: list  # [(record, why)]
+    lengths: np.ndarray  # int64 [keys, records]; 0 = empty or bad
+    flats: list  # [keys] of token arrays, the records' documents back to back
+    meta: list  # [records] metadata tuple, or None
+    nums: list  # [records] line (Parquet: row) numbers
+    blank: int  # blank lines skipped
+
+
+def _encode_task(task) -> _Encoded:
+    """Read, parse and encode one task."""
     payloads, nums, whole_line, blank = _records(task)
     tok, keys = _W["tok"], _W["json_keys"]
     rows, texts, meta, bad = _parse_records(payloads, whole_line)
@@ -312,12 +324,12 @@ def _encode_task(task):
                 lens[r] = len(doc) + extra
         lengths[ki] = lens
         flats.append(np.array(flat, dtype=_W["dtype"]))
-    return bad, lengths, flats, meta, nums, blank
+    return _Encoded(bad, lengths, flats, meta, nums, blank)
 
 
-def _drop_record(result, r: int) -> None:
+def _drop_record(result: _Encoded, r: int) -> None:
     """Remove record r's tokens from every key of a batch result (rare: metadata type clash)."""
-    _, lengths, flats, meta = result[:4]
+    lengths, flats, meta = result.lengths, result.flats, result.meta
     for ki in range(lengths.shape[0]):
         start = int(lengths[ki, :r].sum())
         flats[ki] = np.delete(flats[ki], np.s_[start:start + int(lengths[ki, r])])
@@ -390,14 +402,13 @@ class _MetaColumn:
 # ---------------------------------------------------------------------------------------------
 # Tokenising: batches through the workers, in input order
 def _results(cfg: PreprocessConfig, spec: dict, tok, todo, files: list[str]):
-    """(file index, line numbers, encoded task) in input order (for what is in flight: see the
-    module's docstring)."""
+    """(file index, encoded task) in input order (for what is in flight: see the module's
+    docstring)."""
     _W.update(spec, tok=tok)  # forked workers inherit it (see _init_worker)
     try:
         if cfg.workers == 1:
             for fi, task in todo:
-                result = _encode_task(task)
-                yield fi, result[4], result
+                yield fi, _encode_task(task)
             return
         method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         # Forked workers share the parent's heap (torch, megatron, ... when imported)
@@ -453,7 +464,7 @@ def _collect(cfg: PreprocessConfig, pool: WorkerPool, inflight: deque, files: li
     except WorkerFailed as exc:
         raise PreprocessError(f"{files[fi]}: tokenizer {exc}") from None
     inflight.popleft()
-    return fi, result[4], result
+    return fi, result
 
 
 def _worker_died_message(cfg: PreprocessConfig, exc: WorkerDied, inflight, files) -> str:
@@ -461,7 +472,7 @@ def _worker_died_message(cfg: PreprocessConfig, exc: WorkerDied, inflight, files
     where = ""
     if lost:
         fi, task = lost[0]
-        where = f" while tokenising {_loc(files[fi], task.first, is_parquet(files[fi]))} onwards"
+        where = f" while tokenising {_loc(files[fi], task.first, isinstance(task, RowBatch))} onwards"
     if exc.exitcode == -signal.SIGKILL:
         hint = ("SIGKILL is what the kernel's out-of-memory killer sends (see dmesg or the job's "
                 f"memory limit): rerun with fewer --workers (this run: {cfg.workers}) or a smaller "
@@ -498,7 +509,7 @@ class _Tally:
 def _bad_rows(cfg: PreprocessConfig, result, columns) -> list[tuple[int, str]]:
     """The batch's bad records; a metadata value whose type (number vs string) differs from the
     first one seen is bad too, and is dropped from the result here."""
-    bad, _, _, meta = result[:4]
+    bad, meta = result.bad, result.meta
     rows = list(bad)
     if not cfg.metadata_keys:
         return rows
@@ -519,10 +530,10 @@ def _bad_rows(cfg: PreprocessConfig, result, columns) -> list[tuple[int, str]]:
     return rows
 
 
-def _write_batch(cfg: PreprocessConfig, path: str, parquet: bool, nums, result, writers, columns,
-                 tally: _Tally) -> None:
-    _, lengths, flats, meta, _, blank = result
-    tally.counts["blank_lines"] += blank
+def _write_batch(cfg: PreprocessConfig, path: str, parquet: bool, result: _Encoded, writers,
+                 columns, tally: _Tally) -> None:
+    lengths, flats, meta, nums = result.lengths, result.flats, result.meta, result.nums
+    tally.counts["blank_lines"] += result.blank
     bad_rows = _bad_rows(cfg, result, columns)
     for r, why in sorted(bad_rows):
         where = _loc(path, nums[r], parquet)
@@ -557,11 +568,11 @@ def _tokenise(cfg, spec, tok, files, writers, columns, tally: _Tally) -> None:
         todo = batches(files, list(cfg.json_keys) + list(cfg.metadata_keys), cfg.batch_size)
         results = _results(cfg, spec, tok, todo, files)
         stack.callback(results.close)  # stops the workers on any error
-        for fi, nums, result in results:
-            tally.records[fi] += len(nums)
-            _write_batch(cfg, files[fi], parquet[fi], nums, result, writers, columns, tally)
+        for fi, result in results:
+            tally.records[fi] += len(result.nums)
+            _write_batch(cfg, files[fi], parquet[fi], result, writers, columns, tally)
             if bar is not None:
-                bar.update(len(nums))
+                bar.update(len(result.nums))
                 rate = tally.tokens[0] / max(time.time() - t0, 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
             if cfg.log_interval and tally.docs[0] >= next_log:
@@ -618,10 +629,11 @@ def _run_staged(cfg: PreprocessConfig, files: list[str], tok, prefixes: list[str
                 stage: str) -> dict:
     """Write every dataset completely inside ``stage``, then publish them all."""
     dtype = best_token_dtype(tok.vocab_size)
-    spec = dict(path=tok.path, kind=tok.kind, engine=tok.engine if tok.kind == "hf" else "auto",
-                eod_id=tok.eod_id, bos_id=tok.bos_id, json_keys=list(cfg.json_keys),
-                metadata_keys=list(cfg.metadata_keys),
-                append_eod=cfg.append_eod, prepend_bos=cfg.prepend_bos, dtype=dtype)
+    # a spawned worker loads the tokenizer as the main process did: same file, kind and engine
+    spec = dict(path=tok.path, kind=tok.kind, engine=cfg.tokenizer_engine, eod_id=tok.eod_id,
+                bos_id=tok.bos_id, json_keys=list(cfg.json_keys),
+                metadata_keys=list(cfg.metadata_keys), append_eod=cfg.append_eod,
+                prepend_bos=cfg.prepend_bos, dtype=dtype)
     keys = cfg.json_keys
     staged = [staging.staged_prefix(stage, p) for p in prefixes]
     spill = os.path.join(stage, "spill")

@@ -217,9 +217,7 @@ def _load_hf_file(path: str, eod, bos, engine: str) -> Tokenizer:
         if engine == "tiktoken":
             raise TokenizerError(f"{path}: cannot be encoded by tiktoken with the same ids: "
                                  f"{why_not}")
-    tok = _hf_by_tokenizers(path, raw, eod, bos)
-    tok.engine_note = why_not
-    return tok
+    return _hf_by_tokenizers(path, raw, eod, bos, why_not)
 
 
 def _hf_special_candidates(path: str) -> tuple[tuple, tuple]:
@@ -230,7 +228,7 @@ def _hf_special_candidates(path: str) -> tuple[tuple, tuple]:
     return eod_cands + _EOD_CANDIDATES, bos_cands + _BOS_CANDIDATES
 
 
-def _hf_by_tokenizers(path: str, raw: str, eod, bos) -> Tokenizer:
+def _hf_by_tokenizers(path: str, raw: str, eod, bos, why_not_tiktoken: str | None) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     try:
@@ -256,7 +254,7 @@ def _hf_by_tokenizers(path: str, raw: str, eod, bos) -> Tokenizer:
         bos_id=_pick_special(vocab, bos, bos_cands, path, "BOS"),
         _encode=lambda text: tok.encode(text, add_special_tokens=False).ids,
         _decode=lambda ids: tok.decode(ids, skip_special_tokens=False),
-        _encode_batch=encode_batch)
+        _encode_batch=encode_batch, engine_note=why_not_tiktoken)
 
 
 def _hf_by_tiktoken(path: str, data: dict, ranks, specials, pattern, eod, bos) -> Tokenizer:
@@ -390,7 +388,8 @@ def _load_tiktoken(path: str, eod, bos) -> Tokenizer:
         _encode=encode, _decode=lambda ids_: enc.decode(ids_))
 
 
-_LOADERS = {"hf": _load_hf, "sentencepiece": _load_sentencepiece, "tiktoken": _load_tiktoken}
+# tokenizer.json goes through _load_hf, which alone takes an engine
+_LOADERS = {"sentencepiece": _load_sentencepiece, "tiktoken": _load_tiktoken}
 
 
 def parse_spec(path_or_spec: str | os.PathLike, kind: str | None = None) -> tuple[str, str | None]:
